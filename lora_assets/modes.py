@@ -1,0 +1,233 @@
+"""Mode declarations: what each per-user adapter learns, and from which sources.
+
+A mode is declared once. Its ``primary`` source gives one example per record; its ``context``
+sources are looked up while building (e.g. contacts, to know who a mail is from). Everything
+downstream - the dataset and adapter assets, their graph edges, which changes retrain what - is
+derived from these declarations. Adding a mode is adding one ``Mode(...)`` to ``MODES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from lora_assets.data.schemas import SOURCES, InvalidRecord
+from lora_assets.lora_spec import LoraSpec
+
+Record = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Lookups from a user's context sources, handed to every example builder."""
+
+    tables: Mapping[str, pd.DataFrame]
+
+    def contact(self, name: str) -> Record | None:
+        contacts = self.tables.get("contacts")
+        if contacts is None or contacts.empty:
+            return None
+        hit = contacts[contacts["name"] == name]
+        return None if hit.empty else hit.iloc[0].to_dict()
+
+    def events_on(self, day: pd.Timestamp) -> list[str]:
+        calendar = self.tables.get("calendar")
+        if calendar is None or calendar.empty:
+            return []
+        same_day = calendar[calendar["start"].dt.date == day.date()]
+        return sorted(same_day["title"].tolist())
+
+
+@dataclass(frozen=True)
+class ExampleDraft:
+    """What a builder returns for one record; the dataset adds ids and the split."""
+
+    prompt: str
+    response: str
+
+
+Builder = Callable[[Record, Context], ExampleDraft | None]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One behaviour of the base model, learned per user."""
+
+    name: str
+    description: str
+    primary: str  # each record of this source becomes (at most) one example
+    build: Builder
+    system: str  # the instruction shown to the model as the system turn
+    context: tuple[str, ...] = ()  # sources consulted while building every example
+    objective: str = "sft"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
+    train_steps: int = 30
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.primary, *self.context)
+
+    def split_of(self, example_id: str) -> str:
+        """``train`` or ``eval``, a pure function of the example id (stable across rebuilds)."""
+        digest = hashlib.sha256(f"{self.name}:{example_id}".encode()).digest()
+        return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < self.eval_fraction else "train"
+
+
+def _require(record: Record, *fields: str) -> None:
+    for f in fields:
+        value = record.get(f)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise InvalidRecord(f"record {record.get('id')!r}: missing {f!r}")
+
+
+def _who(name: str, ctx: Context) -> str:
+    c = ctx.contact(name)
+    return f"{name} ({c['relation']}, you call them {c['nickname']})" if c else name
+
+
+def _mail_reply(rec: Record, ctx: Context) -> ExampleDraft | None:
+    _require(rec, "sender", "subject", "body")
+    if rec.get("reply") is None:
+        return None  # mail the user never answered teaches nothing about their replies
+    _require(rec, "reply")
+    return ExampleDraft(
+        prompt=f"From: {_who(rec['sender'], ctx)}\nSubject: {rec['subject']}\n\n{rec['body']}",
+        response=rec["reply"],
+    )
+
+
+def _message_reply(rec: Record, ctx: Context) -> ExampleDraft | None:
+    _require(rec, "contact", "text")
+    if rec.get("reply") is None:
+        return None
+    _require(rec, "reply")
+    return ExampleDraft(prompt=f"{_who(rec['contact'], ctx)}: {rec['text']}", response=rec["reply"])
+
+
+def _search_suggest(rec: Record, ctx: Context) -> ExampleDraft | None:
+    _require(rec, "query")
+    first = rec["query"].split()[0]
+    return ExampleDraft(prompt=f"Complete my search: {first}", response=rec["query"])
+
+
+def _as_list(value: Any) -> list[str]:
+    """List columns arrive as lists or numpy arrays (from Arrow); None means empty."""
+    return [] if value is None else [str(v) for v in value]
+
+
+def _photo_caption(rec: Record, ctx: Context) -> ExampleDraft | None:
+    _require(rec, "caption", "location")
+    people = []
+    for name in _as_list(rec.get("people")):
+        c = ctx.contact(name)
+        people.append(c["nickname"] if c else name)
+    tags = _as_list(rec.get("tags"))
+    taken = pd.Timestamp(rec["taken_at"]) if rec.get("taken_at") is not None else None
+    events = ctx.events_on(taken) if taken is not None else []
+    lines = [f"Location: {rec['location']}"]
+    if taken is not None:
+        lines.append(f"Date: {taken.date().isoformat()}")
+    if people:
+        lines.append("People: " + ", ".join(people))
+    if tags:
+        lines.append("Tags: " + ", ".join(tags))
+    if events:
+        lines.append("Calendar: " + "; ".join(events))
+    return ExampleDraft(prompt="\n".join(lines), response=rec["caption"])
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in [
+        Mode(
+            name="mail_reply",
+            description="Reply to an email in the user's voice.",
+            primary="mail",
+            context=("contacts",),
+            build=_mail_reply,
+            system="Reply to this email as me.",
+        ),
+        Mode(
+            name="message_reply",
+            description="Reply to a chat message in the user's voice.",
+            primary="messages",
+            context=("contacts",),
+            build=_message_reply,
+            system="Reply to this message as me.",
+        ),
+        Mode(
+            name="search_suggest",
+            description="Suggest the user's next search from its first word.",
+            primary="browsing",
+            build=_search_suggest,
+            system="Suggest my search.",
+        ),
+        Mode(
+            name="photo_caption",
+            description="Caption a photo the way the user does, from its metadata.",
+            primary="photos",
+            context=("contacts", "calendar"),
+            build=_photo_caption,
+            system="Caption this photo as I would.",
+        ),
+    ]
+}
+
+for _m in MODES.values():
+    assert set(_m.sources) <= set(SOURCES), _m
+
+
+def get_mode(name: str) -> Mode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise KeyError(f"unknown mode {name!r}; modes are {', '.join(MODES)}") from None
+
+
+DATASET_COLUMNS = ("example_id", "system", "prompt", "response", "split")
+
+
+def build_examples(mode: Mode, tables: Mapping[str, pa.Table], user: str = "") -> pd.DataFrame:
+    """The mode's full dataset for one user: one row per usable primary record, sorted by id.
+
+    A malformed record raises ``InvalidRecord`` naming the user and the record id.
+    """
+    ctx = context_for(mode, tables)
+    primary = tables.get(mode.primary)
+    return examples_for_records(mode, ctx, primary.to_pylist() if primary is not None else [], user)
+
+
+def context_for(mode: Mode, tables: Mapping[str, pa.Table]) -> Context:
+    """The lookups a mode's builder needs, from the user's context-source tables."""
+    return Context({s: tables[s].to_pandas() for s in mode.context if s in tables})
+
+
+def examples_for_records(
+    mode: Mode, ctx: Context, records: list[dict[str, Any]], user: str = ""
+) -> pd.DataFrame:
+    """Dataset rows for some primary records (records as Arrow gives them: None for nulls)."""
+    rows = []
+    if records:
+        for rec in records:
+            try:
+                draft = mode.build(rec, ctx)
+            except InvalidRecord as exc:
+                raise InvalidRecord(f"user {user!r}, mode {mode.name!r}, {mode.primary} {exc}") from None
+            if draft is not None:
+                rows.append(
+                    {
+                        "example_id": rec["id"],
+                        "system": mode.system,
+                        "prompt": draft.prompt,
+                        "response": draft.response,
+                        "split": mode.split_of(rec["id"]),
+                    }
+                )
+    df = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+    return df.sort_values("example_id", kind="stable").reset_index(drop=True)
