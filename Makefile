@@ -25,6 +25,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
+ui: $(STAMP)
+	$(BIN)/lora-assets ui
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 

@@ -12,49 +12,58 @@ from lora_assets.paths import data_home
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lora_assets.adapters import adapter_dir, job_for
     from lora_assets.data.synthetic import generate_user, user_ids
-    from lora_assets.data.user_store import UserStore, write_user
-    from lora_assets.modes import MODES, build_examples, get_mode
-    from lora_assets.training import load_base_model, train_adapters
+    from lora_assets.data.user_store import write_user
+    from lora_assets.modes import MODES, get_mode
+    from lora_assets.orchestration.instance import ensure_dagster_home, get_instance
+    from lora_assets.orchestration.resources import LoraAssetsHome
+    from lora_assets.orchestration.runs import (
+        materialize_adapters,
+        materialize_datasets,
+        register_base_model_partition,
+        register_users,
+    )
+    from lora_assets.training.base_models import resolve_base_model
 
-    home = data_home()
-    store = UserStore(home / "users")
+    resources = LoraAssetsHome(home=str(data_home()), train_steps=args.steps)
+    store = resources.store()
     users = user_ids(args.users)
     modes = [get_mode(m) for m in (args.modes or list(MODES))]
-    print(f"data dir: {home}")
+    print(f"data dir: {resources.path}\ndagster home: {ensure_dagster_home()}")
+    instance = get_instance()
     print(f"seeding {len(users)} synthetic users: {', '.join(users)}")
     for user in users:
         if not store.head(user, "mail"):
             write_user(store, user, generate_user(user))
-    jobs = []
-    for user in users:
-        tables = {s: store.read(user, s) for s in {s for m in modes for s in m.sources}}
-        for mode in modes:
-            dataset = build_examples(mode, tables, user)
-            out = adapter_dir(home, args.base_model, user, mode.name)
-            jobs.append(job_for(mode, user, dataset, out, steps=args.steps))
+    register_users(instance, users)
     t0 = time.perf_counter()
-    print(f"loading base model {args.base_model} ...", flush=True)
-    base = load_base_model(args.base_model, home)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s on {base.device}; training {len(jobs)} adapters")
-    results = train_adapters(jobs, base)
-    _print_table(
-        ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s"],
-        [
-            [
-                r.name.split("/")[0],
-                r.name.split("/")[1],
-                r.base_model,
-                f"{r.base_eval_loss:.3f}",
-                f"{r.adapter_eval_loss:.3f}",
-                f"{r.seconds:.1f}",
-                f"{r.tokens_per_second:.0f}",
-            ]
-            for r in results
-        ],
-    )
-    print(f"adapters under {home / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
+    print(f"preparing base model {args.base_model} ...", flush=True)
+    resolve_base_model(args.base_model, resources.path)  # one-off GGUF conversion happens here
+    register_base_model_partition(instance, args.base_model)
+
+    rows = []
+    for user in users:
+        print(f"[{user}] run: sources -> datasets ({', '.join(m.name for m in modes)})", flush=True)
+        materialize_datasets(instance, user, modes, resources)
+        print(f"[{user}] run: adapters on {args.base_model}", flush=True)
+        result = materialize_adapters(instance, args.base_model, user, modes, resources)
+        for mode in modes:
+            (mat,) = result.asset_materializations_for_node(f"{mode.name}__adapter")
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            rows.append(
+                [
+                    user,
+                    mode.name,
+                    meta["base_model"],
+                    f"{meta['base_eval_loss']:.3f}",
+                    f"{meta['adapter_eval_loss']:.3f}",
+                    f"{meta['train_seconds']:.1f}",
+                    f"{meta['tokens_per_second']:.0f}",
+                ]
+            )
+    _print_table(["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s"], rows)
+    print(f"adapters under {resources.path / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
+    print("see the runs and the asset graph: make ui  (then open http://127.0.0.1:3000)")
     return 0
 
 
@@ -77,6 +86,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model = load_adapter(base, path)
     print(generate(model, base.tokenizer, args.prompt, system=mode.system, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from lora_assets.orchestration.instance import ensure_dagster_home
+    from lora_assets.paths import PROJECT_ROOT
+
+    home = ensure_dagster_home()
+    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
+    workspace = PROJECT_ROOT / "workspace.yaml"
+    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "lora_assets.definitions"]
+    cmd = [dagster, "dev", *target, "-h", args.host, "-p", str(args.port)]
+    print(f"DAGSTER_HOME={home} {' '.join(cmd)}", flush=True)
+    os.execv(cmd[0], cmd)  # dagster dev runs the webserver and the daemon (sensors, backfills)
+    return 0  # pragma: no cover
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -110,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=12, help="steps per adapter (default 12: SmolLM2 demo < 10 min on 2 CPU cores)"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    ui = sub.add_parser("ui", help="run the Dagster UI and daemon (dagster dev) on this project")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=_cmd_ui)
 
     gen = sub.add_parser("generate", help="complete a prompt with a user's adapter")
     gen.add_argument("--user", required=True)

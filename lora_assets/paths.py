@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_home() -> Path:
@@ -17,8 +17,8 @@ def data_home() -> Path:
     env = os.environ.get("LORA_ASSETS_HOME")
     if env:
         home = Path(env).expanduser()
-    elif (_PROJECT_ROOT / "pyproject.toml").exists():
-        home = _PROJECT_ROOT / ".lora_assets"
+    elif (PROJECT_ROOT / "pyproject.toml").exists():
+        home = PROJECT_ROOT / ".lora_assets"
     else:  # installed as a plain wheel: there is no project checkout to live under
         home = Path.home() / ".lora_assets"
     home.mkdir(parents=True, exist_ok=True)

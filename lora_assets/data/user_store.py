@@ -206,7 +206,8 @@ def _last_per_id(log: pa.Table) -> pa.Table:
     last = (
         pa.table({"id": log["id"], "i": idx}).group_by("id", use_threads=False).aggregate([("i", "max")])
     )
-    return log.take(pc.sort_indices(last["i_max"]))
+    rows = last["i_max"]
+    return log.take(pc.take(rows, pc.sort_indices(rows)))  # surviving rows, in log order
 
 
 def table_fingerprint(table: pa.Table) -> str:

@@ -1,0 +1,124 @@
+"""Per-mode datasets, built incrementally from the user store's change log. No dagster, no torch.
+
+A dataset remembers (in its Parquet file's metadata) which log position of its primary source it
+reflects and the fingerprints of its context sources. The next build reduces over only the
+primary records written since: upserts add or replace their example, deletes remove it. When a
+context source changed (a renamed contact can change every prompt) or the log was compacted past
+that position, it rebuilds in full. Both paths give the identical table; a test holds them to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lora_assets.data.user_store import OP_DELETE, UserStore, validate_user_id
+from lora_assets.modes import DATASET_COLUMNS, Mode, build_examples, context_for, examples_for_records
+
+_STATE_KEY = b"lora_assets.dataset_state"
+DATASET_SCHEMA = pa.schema([(c, pa.string()) for c in DATASET_COLUMNS])
+
+
+@dataclass(frozen=True)
+class DatasetState:
+    """Which inputs a dataset reflects: the primary log position and context fingerprints."""
+
+    primary_seq: int
+    context_fingerprints: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    how: str  # "full" or "incremental"
+    changed_records: int  # primary records reduced over (all of them on a full build)
+    rows: int
+
+
+def dataset_path(home: Path, user: str, mode: str) -> Path:
+    return Path(home) / "datasets" / validate_user_id(user) / f"{mode}.parquet"
+
+
+def content_hash(df: pd.DataFrame) -> str:
+    """The dataset's data version: a hash of its rows in id order."""
+    h = hashlib.sha256()
+    for row in df.sort_values("example_id").itertuples(index=False):
+        h.update(json.dumps(list(row), ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def full_build(store: UserStore, mode: Mode, user: str) -> tuple[pd.DataFrame, DatasetState]:
+    """The dataset from the current state of every source the mode reads."""
+    primary, seq = store.read_at_head(user, mode.primary)
+    tables = {mode.primary: primary, **{s: store.read(user, s) for s in mode.context}}
+    df = build_examples(mode, tables, user)
+    return df, DatasetState(seq, _context_fingerprints(store, mode, user))
+
+
+def build_dataset(
+    store: UserStore, mode: Mode, user: str, previous: tuple[pd.DataFrame, DatasetState] | None
+) -> tuple[pd.DataFrame, DatasetState, BuildReport]:
+    """Bring ``previous`` up to date by reducing over the changes since it, or rebuild."""
+    if previous is not None:
+        old_df, old_state = previous
+        ctx_fps = _context_fingerprints(store, mode, user)
+        if ctx_fps == old_state.context_fingerprints:
+            try:
+                changes, head = store.changes_since(user, mode.primary, old_state.primary_seq)
+            except LookupError:
+                pass  # compacted past our position: fall through to a full build
+            else:
+                df = _apply_changes(mode, user, old_df, changes, store)
+                report = BuildReport("incremental", changes.num_rows, len(df))
+                return df, DatasetState(head, ctx_fps), report
+    df, state = full_build(store, mode, user)
+    return df, state, BuildReport("full", len(df), len(df))
+
+
+def _apply_changes(
+    mode: Mode, user: str, old: pd.DataFrame, changes: pa.Table, store: UserStore
+) -> pd.DataFrame:
+    if not changes.num_rows:
+        return old
+    touched = set(changes["id"].to_pylist())
+    upserts = changes.filter(pc.not_equal(changes["_op"], OP_DELETE)).drop_columns(["_op"])
+    ctx = context_for(mode, {s: store.read(user, s) for s in mode.context})
+    fresh = examples_for_records(mode, ctx, upserts.to_pylist(), user)
+    kept = old[~old["example_id"].isin(touched)]
+    df = pd.concat([kept, fresh], ignore_index=True) if len(fresh) else kept
+    return df.sort_values("example_id", kind="stable").reset_index(drop=True)[list(DATASET_COLUMNS)]
+
+
+def _context_fingerprints(store: UserStore, mode: Mode, user: str) -> dict[str, str]:
+    return {s: store.fingerprint(user, s) for s in mode.context}
+
+
+def write_dataset(path: Path, df: pd.DataFrame, state: DatasetState) -> None:
+    """Write atomically, with the build state in the Parquet schema metadata."""
+    table = pa.Table.from_pandas(df[list(DATASET_COLUMNS)], schema=DATASET_SCHEMA, preserve_index=False)
+    meta = {_STATE_KEY: json.dumps({"primary_seq": state.primary_seq, "context": state.context_fingerprints}).encode()}
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".parquet", dir=path.parent)
+    os.close(fd)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_dataset(path: Path) -> tuple[pd.DataFrame, DatasetState] | None:
+    """A written dataset and its build state, or None when there is none yet."""
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
+    df = table.replace_schema_metadata(None).to_pandas()
+    return df, DatasetState(raw["primary_seq"], raw["context"])

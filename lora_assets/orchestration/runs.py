@@ -1,0 +1,79 @@
+"""Launching runs from the CLI: in-process ``materialize`` against the real instance.
+
+Runs launched here show up in the UI's run list like any other, with their asset events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import DagsterInstance, ExecuteInProcessResult, materialize
+
+from lora_assets.data.user_store import validate_user_id
+from lora_assets.modes import Mode
+from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, source_key
+from lora_assets.orchestration.partitions import (
+    adapter_partition_key,
+    base_model_partitions,
+    users_partitions,
+)
+from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.training.base_models import validate_base_model_key
+
+
+# Progress lines (step, loss, tokens/s) are INFO; Dagster's per-step DEBUG events stay in the UI.
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def register_users(instance: DagsterInstance, users: Sequence[str]) -> list[str]:
+    """Add users as ``users`` partitions; returns the ones that were new."""
+    for user in users:
+        validate_user_id(user)
+    new = [u for u in users if not instance.has_dynamic_partition(users_partitions.name, u)]
+    if new:
+        instance.add_dynamic_partitions(users_partitions.name, new)
+    return new
+
+
+def register_base_model_partition(instance: DagsterInstance, key: str) -> bool:
+    validate_base_model_key(key)
+    if instance.has_dynamic_partition(base_model_partitions.name, key):
+        return False
+    instance.add_dynamic_partitions(base_model_partitions.name, [key])
+    return True
+
+
+def materialize_datasets(
+    instance: DagsterInstance, user: str, modes: Sequence[Mode], resources: LoraAssetsHome
+) -> ExecuteInProcessResult:
+    """One run: the user's sources read by ``modes``, then those modes' datasets."""
+    sources = sorted({s for m in modes for s in m.sources})
+    keys = [source_key(s) for s in sources] + [dataset_key(m.name) for m in modes]
+    return materialize(
+        all_assets(),
+        selection=keys,
+        partition_key=user,
+        instance=instance,
+        resources={"lora_home": resources},
+        tags={"lora_assets/launched_by": "cli"},
+        run_config=QUIET,
+    )
+
+
+def materialize_adapters(
+    instance: DagsterInstance,
+    base_model: str,
+    user: str,
+    modes: Sequence[Mode],
+    resources: LoraAssetsHome,
+) -> ExecuteInProcessResult:
+    """One run training the user's adapters of ``modes``; the base model loads once."""
+    return materialize(
+        all_assets(),
+        selection=[adapter_key(m.name) for m in modes],
+        partition_key=str(adapter_partition_key(base_model, user)),
+        instance=instance,
+        resources={"lora_home": resources},
+        tags={"lora_assets/launched_by": "cli"},
+        run_config=QUIET,
+    )

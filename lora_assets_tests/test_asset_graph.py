@@ -1,0 +1,171 @@
+"""The Dagster asset graph: its shape, and sources -> dataset -> adapter through real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from dagster import AssetKey, DagsterInstance, instance_for_test, materialize
+
+from lora_assets.data.user_store import UserStore, write_user
+from lora_assets.definitions import defs
+from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, source_key
+from lora_assets.orchestration.resources import LoraAssetsHome
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
+
+
+def graph_snapshot() -> dict:
+    graph = defs.resolve_asset_graph()
+    out = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        pdef = node.partitions_def
+        out[key.to_user_string()] = {
+            "deps": sorted(p.to_user_string() for p in node.parent_keys),
+            "partitions": type(pdef).__name__ if pdef else None,
+            "dimensions": (
+                {d.name: d.partitions_def.name for d in pdef.partitions_defs}
+                if hasattr(pdef, "partitions_defs")
+                else getattr(pdef, "name", None)
+            ),
+            "group": node.group_name,
+            "pools": sorted(node.pools or []),
+        }
+    return out
+
+
+def test_definitions_load_and_graph_matches_snapshot():
+    """Graph changes must show up in review: refresh with UPDATE_SNAPSHOTS=1 when intended."""
+    current = graph_snapshot()
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text())
+
+
+def test_graph_edges_are_the_declared_mode_dependencies():
+    from lora_assets.modes import MODES
+
+    graph = defs.resolve_asset_graph()
+    for mode in MODES.values():
+        assert graph.get(dataset_key(mode.name)).parent_keys == {source_key(s) for s in mode.sources}
+        assert graph.get(adapter_key(mode.name)).parent_keys == {dataset_key(mode.name)}
+
+
+@pytest.fixture
+def dagster_env(tmp_path, home, tiny_base, synthetic_tables):
+    """A temp Dagster instance and data dir with two seeded users and the tiny base model."""
+    data = tmp_path / "data"
+    # Share the session's base-model cache so the tiny llama is built once.
+    (data).mkdir()
+    (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
+    store = UserStore(data / "users")
+    for user, tables in synthetic_tables.items():
+        write_user(store, user, tables)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("users", list(synthetic_tables))
+        instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+        yield instance, data, store
+
+
+def _run(instance: DagsterInstance, data: Path, keys: list[AssetKey], partition: str, **kw):
+    return materialize(
+        all_assets(),
+        selection=keys,
+        partition_key=partition,
+        instance=instance,
+        resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=8)},
+        **kw,
+    )
+
+
+def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_env):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    instance, data, _ = dagster_env
+    upstream = [source_key("mail"), source_key("contacts"), dataset_key("mail_reply")]
+    assert _run(instance, data, upstream, "user-000").success
+    result = _run(instance, data, [adapter_key("mail_reply")], "tiny-llama|user-000")
+    assert result.success
+
+    adapter = data / "adapters" / "tiny-llama" / "user-000" / "mail_reply"
+    base = AutoModelForCausalLM.from_pretrained(data / "base_models" / "tiny-llama")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == base.config.vocab_size
+
+    (mat,) = result.asset_materializations_for_node("mail_reply__adapter")
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert mat.partition == "tiny-llama|user-000"
+    assert meta["base_model"] == "tiny-llama"
+    assert meta["adapter_eval_loss"] < meta["base_eval_loss"]
+    assert meta["steps"] == 8 and meta["size_bytes"] > 0
+    assert "training loss" in meta["loss_curve"]
+    record = instance.get_latest_materialization_event(adapter_key("mail_reply"))
+    assert record.asset_materialization.tags["dagster/data_version"] == meta["sha256"]
+
+    dataset_mat = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization
+    dmeta = {k: v.value for k, v in dataset_mat.metadata.items()}
+    assert dmeta["rows"] == dmeta["train_rows"] + dmeta["eval_rows"] > 0
+    assert dmeta["build"] == "full"
+    assert dataset_mat.tags["dagster/data_version"] == dmeta["content_hash"]
+
+
+def test_malformed_record_fails_only_that_users_dataset(dagster_env):
+    import pyarrow as pa
+
+    from lora_assets.data.schemas import schema_for
+
+    instance, data, store = dagster_env
+    bad = pa.Table.from_pylist(
+        [{"id": "mail-broken-1", "sender": "Sam", "subject": "hi", "body": None, "reply": "ok"}],
+        schema=schema_for("mail"),
+    )
+    store.write("user-001", "mail", bad)
+    keys = [source_key("mail"), source_key("contacts"), dataset_key("mail_reply")]
+
+    failed = _run(instance, data, keys, "user-001", raise_on_error=False)
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.to_string()
+    assert "mail-broken-1" in message and "user-001" in message
+
+    assert _run(instance, data, keys, "user-000").success
+    assert (data / "datasets" / "user-000" / "mail_reply.parquet").exists()
+    assert not (data / "datasets" / "user-001" / "mail_reply.parquet").exists()
+
+
+def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, monkeypatch):
+    """Backfill runs carry a partition range; the asset trains them all on one base load."""
+    import lora_assets.orchestration.base_cache as base_cache
+
+    instance, data, _ = dagster_env
+    for user in ("user-000", "user-001"):
+        assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], user).success
+    loads = []
+    real_load = base_cache.load_base_model
+    monkeypatch.setattr(base_cache, "load_base_model", lambda *a: loads.append(a) or real_load(*a))
+    base_cache._cached.clear()
+
+    keys = instance.get_dynamic_partitions("users")
+    result = materialize(
+        all_assets(),
+        selection=[adapter_key("search_suggest")],
+        instance=instance,
+        resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4)},
+        tags={
+            "dagster/asset_partition_range_start": f"tiny-llama|{keys[0]}",
+            "dagster/asset_partition_range_end": f"tiny-llama|{keys[-1]}",
+        },
+    )
+    assert result.success
+    assert len(loads) == 1
+    parts = sorted(m.partition for m in result.asset_materializations_for_node("search_suggest__adapter"))
+    assert parts == ["tiny-llama|user-000", "tiny-llama|user-001"]
+    for user in keys:
+        assert (data / "adapters" / "tiny-llama" / user / "search_suggest" / "adapter_model.safetensors").exists()
