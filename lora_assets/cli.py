@@ -105,6 +105,79 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from lora_assets.data.ingest import ingest_file
+    from lora_assets.orchestration.resources import LoraAssetsHome
+
+    resources = LoraAssetsHome(home=str(data_home()))
+    result = ingest_file(resources.store(), resources.feed(), args.user, args.source, Path(args.file))
+    w = result.write
+    if result.event_id is None:
+        print(f"{args.file}: nothing to ingest")
+    else:
+        print(
+            f"user {w.user} {w.source}: {w.upserts} upserts, {w.deletes} deletes -> "
+            f"store segment {w.seq}, change event {result.event_id}"
+        )
+    return 0
+
+
+def _cmd_base_model(args: argparse.Namespace) -> int:
+    from lora_assets.orchestration.instance import get_instance
+    from lora_assets.orchestration.runs import register_base_model_partition
+    from lora_assets.orchestration.sensors import (
+        active_base_models,
+        retired_base_models,
+        set_base_model_retired,
+    )
+    from lora_assets.training.base_models import register_base_model, resolve_base_model
+
+    if args.action != "list" and not args.key:
+        raise ValueError(f"base-model {args.action} needs a KEY")
+    instance = get_instance()
+    if args.action == "add":
+        ref = (
+            register_base_model(args.key, args.path, data_home())
+            if args.path
+            else resolve_base_model(args.key, data_home())
+        )
+        added = register_base_model_partition(instance, args.key)
+        set_base_model_retired(instance, args.key, retired=False)
+        print(f"base model {ref.key} ({ref.revision}) at {ref.path}: {'registered' if added else 'already registered, active'}")
+        print(f"train every user's adapters on it: lora-assets backfill --base-model {ref.key}")
+    elif args.action == "retire":
+        if args.key not in instance.get_dynamic_partitions("base_models"):
+            raise ValueError(f"base model {args.key!r} is not registered")
+        set_base_model_retired(instance, args.key, retired=True)
+        print(f"base model {args.key} retired: its adapters are no longer retrained (history kept)")
+    else:
+        retired = retired_base_models(instance)
+        for key in instance.get_dynamic_partitions("base_models"):
+            print(f"{key}\t{'retired' if key in retired else 'active'}")
+        if not active_base_models(instance):
+            print("(no active base model: lora-assets base-model add smollm2-135m)")
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from lora_assets.orchestration.instance import get_instance
+    from lora_assets.orchestration.runs import launch_adapter_backfill
+
+    backfill_id = launch_adapter_backfill(get_instance(), args.base_model)
+    print(f"backfill {backfill_id} requested; the daemon (make ui) runs it. Watch it under Overview > Backfills.")
+    return 0
+
+
+def _cmd_feed(args: argparse.Namespace) -> int:
+    from lora_assets.orchestration.resources import LoraAssetsHome
+
+    feed = LoraAssetsHome(home=str(data_home())).feed()
+    print(f"pending events: {feed.pending_count()}")
+    for event_id, payload, error in feed.dead_letters():
+        print(f"dead letter {event_id}: {error}\n    payload: {payload[:200]}")
+    return 0
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -141,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=_cmd_ui)
+
+    ing = sub.add_parser("ingest", help="write a JSONL batch to the user store and the change feed")
+    ing.add_argument("--user", required=True)
+    ing.add_argument("--source", required=True)
+    ing.add_argument("file", help='JSONL: one record per line; {"id": ..., "_deleted": true} deletes')
+    ing.set_defaults(func=_cmd_ingest)
+
+    bm = sub.add_parser("base-model", help="register, retire or list base models")
+    bm.add_argument("action", choices=["add", "retire", "list"])
+    bm.add_argument("key", nargs="?", default="")
+    bm.add_argument("--path", help="a local Hugging Face model directory to register under KEY")
+    bm.set_defaults(func=_cmd_base_model)
+
+    bf = sub.add_parser("backfill", help="train every user's adapters on a base model (a Dagster backfill)")
+    bf.add_argument("--base-model", required=True)
+    bf.set_defaults(func=_cmd_backfill)
+
+    fd = sub.add_parser("feed", help="change feed status: pending events and dead letters")
+    fd.set_defaults(func=_cmd_feed)
 
     gen = sub.add_parser("generate", help="complete a prompt with a user's adapter")
     gen.add_argument("--user", required=True)

@@ -135,6 +135,19 @@ class UserStore:
                 seq += 1
         return WriteResult(user, source, seq, upserts.num_rows, len(delete_ids))
 
+    def check_segment(self, user: str, source: str, seq: int) -> None:
+        """Raise if segment ``seq`` is neither readable nor folded into a snapshot."""
+        segs = self._segments(user, source)
+        if any(kind == "snapshot" and n >= seq for n, kind, _ in segs):
+            return
+        match = [p for n, kind, p in segs if kind == "log" and n == seq]
+        if not match:
+            raise FileNotFoundError(f"user {user!r}: {source} segment {seq} does not exist")
+        try:
+            pq.read_metadata(match[0])
+        except Exception as exc:  # pyarrow raises several types for a corrupt footer
+            raise OSError(f"user {user!r}: {source} segment {match[0].name} is unreadable: {exc}") from None
+
     def changes_since(self, user: str, source: str, seq: int) -> tuple[pa.Table, int]:
         """Log rows written after ``seq`` (with ``_op``), last write per id wins, and the new head.
 

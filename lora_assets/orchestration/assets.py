@@ -191,10 +191,13 @@ def train_mode_adapters(
 
     base = loaded_base_model(base_model, home)
     results = train_adapters(jobs, base, progress=progress)
-    return {key: _adapter_metadata(r) for (key, _user), r in zip(items, results)}
+    return {
+        key: _adapter_metadata(r, job.metadata["dataset_version"])
+        for (key, _user), job, r in zip(items, jobs, results)
+    }
 
 
-def _adapter_metadata(result) -> dict[str, Any]:
+def _adapter_metadata(result, dataset_version: str) -> dict[str, Any]:
     weights = Path(result.output_dir) / "adapter_model.safetensors"
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     return {
@@ -215,6 +218,7 @@ def _adapter_metadata(result) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 2),
         "size_bytes": weights.stat().st_size,
         "sha256": sha,
+        "dataset_version": dataset_version,  # what the adapter sensor compares against
         "path": MetadataValue.path(str(result.output_dir)),
     }
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from lora_assets.data.change_feed import ChangeFeed
 from lora_assets.data.user_store import UserStore
 from lora_assets.paths import data_home
 
@@ -15,7 +17,10 @@ class LoraAssetsHome(ConfigurableResource):
     """The data dir of the embedded default (user store, datasets, adapters, base-model cache)."""
 
     home: str = Field(default="", description="Data dir; empty means $LORA_ASSETS_HOME or .lora_assets/")
-    train_steps: int = Field(default=0, description="Steps per adapter; 0 means each mode's default")
+    train_steps: int = Field(
+        default=0,
+        description="Steps per adapter; 0 means $LORA_ASSETS_TRAIN_STEPS, else each mode's default",
+    )
 
     @property
     def path(self) -> Path:
@@ -24,5 +29,8 @@ class LoraAssetsHome(ConfigurableResource):
     def store(self) -> UserStore:
         return UserStore(self.path / "users")
 
+    def feed(self) -> ChangeFeed:
+        return ChangeFeed(self.path / "change_feed.sqlite")
+
     def steps_override(self) -> int | None:
-        return self.train_steps or None
+        return self.train_steps or int(os.environ.get("LORA_ASSETS_TRAIN_STEPS", "0")) or None

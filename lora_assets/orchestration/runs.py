@@ -77,3 +77,42 @@ def materialize_adapters(
         tags={"lora_assets/launched_by": "cli"},
         run_config=QUIET,
     )
+
+
+def launch_adapter_backfill(instance: DagsterInstance, base_model: str) -> str:
+    """A real Dagster backfill (on the UI's backfills page) of every user's adapters for one base.
+
+    The daemon's backfill loop runs it; ``BackfillPolicy.multi_run`` on the adapter assets packs
+    several users into each run so the base model loads once per run.
+    """
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+    from dagster._time import get_current_timestamp
+
+    from lora_assets.definitions import defs
+    from lora_assets.modes import MODES
+    from lora_assets.orchestration.sensors import retired_base_models
+
+    if not instance.has_dynamic_partition(base_model_partitions.name, base_model):
+        raise ValueError(f"base model {base_model!r} is not registered: run `lora-assets base-model add {base_model}`")
+    if base_model in retired_base_models(instance):
+        raise ValueError(f"base model {base_model!r} is retired: `lora-assets base-model add {base_model}` reactivates it")
+    users = instance.get_dynamic_partitions(users_partitions.name)
+    if not users:
+        raise ValueError("no users registered yet: ingest some data first")
+    backfill_id = make_new_backfill_id()
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id,
+        asset_graph=defs.resolve_asset_graph(),
+        partition_names=[str(adapter_partition_key(base_model, u)) for u in users],
+        asset_selection=[adapter_key(m) for m in MODES],
+        backfill_timestamp=get_current_timestamp(),
+        tags={"lora_assets/trigger": "new_base_model", "lora_assets/base_model": base_model},
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=f"Adapters on {base_model}",
+        description=f"Train every user's adapters ({len(users)} users x {len(MODES)} modes) on {base_model}.",
+        run_config=None,
+    )
+    instance.add_backfill(backfill)
+    return backfill_id

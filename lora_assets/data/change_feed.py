@@ -1,0 +1,135 @@
+"""The change feed: a durable queue of "user U's source S changed" events.
+
+Embedded default: SQLite in the data dir (WAL, one row per event). Delivery is at-least-once:
+a consumer reads events after its cursor and acknowledges them only once the runs they caused
+are recorded (for the Dagster sensor: once a tick with a later cursor has been committed). An
+event that cannot be processed (a poison event) is moved to the dead-letter state with its
+error, so it is reported and never blocks the events behind it.
+
+An event names the user store segment it announces (``user``, ``source``, ``seq``) so a consumer
+can check that the data is really there and readable before acting on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',   -- pending | dead
+    error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_status_id ON events(status, id);
+"""
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """One batch written to the user store."""
+
+    user: str
+    source: str
+    seq: int  # the user store log segment this batch became
+    upserts: int = 0
+    deletes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"user": self.user, "source": self.source, "seq": self.seq,
+             "upserts": self.upserts, "deletes": self.deletes},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, payload: str) -> ChangeEvent:
+        """Decode a payload; raises ValueError (with the reason) on anything malformed."""
+        try:
+            raw = json.loads(payload)
+            event = cls(
+                user=raw["user"], source=raw["source"], seq=int(raw["seq"]),
+                upserts=int(raw.get("upserts", 0)), deletes=int(raw.get("deletes", 0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"undecodable change event {payload[:200]!r}: {exc}") from None
+        if not isinstance(event.user, str) or not isinstance(event.source, str):
+            raise ValueError(f"undecodable change event {payload[:200]!r}: user/source must be strings")
+        return event
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    """An event as stored: its feed id and raw payload (decoded by the consumer)."""
+
+    id: int
+    payload: str
+
+
+class ChangeFeed:
+    """Durable SQLite queue; safe for several processes (writers serialize on SQLite's lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # an appended event survives a power cut
+            yield conn
+        finally:
+            conn.close()
+
+    def append(self, event: ChangeEvent | str) -> int:
+        """Add an event (or a raw payload, as a foreign producer might send); returns its id."""
+        payload = event.to_json() if isinstance(event, ChangeEvent) else event
+        with self._conn() as conn:
+            cur = conn.execute(
+                "INSERT INTO events(payload, created_at) VALUES (?, ?)", (payload, time.time())
+            )
+            return int(cur.lastrowid)
+
+    def read_after(self, after_id: int, limit: int = 1000) -> list[FeedItem]:
+        """Pending events with id > ``after_id``, oldest first (an index range scan)."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT id, payload FROM events WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [FeedItem(int(i), p) for i, p in rows]
+
+    def ack_through(self, event_id: int) -> int:
+        """Forget pending events up to ``event_id`` (their runs are recorded); returns how many."""
+        with self._conn() as conn:
+            return conn.execute(
+                "DELETE FROM events WHERE status = 'pending' AND id <= ?", (event_id,)
+            ).rowcount
+
+    def dead_letter(self, event_id: int, error: str) -> None:
+        """Set a poison event aside with its error; it is never delivered again."""
+        with self._conn() as conn:
+            conn.execute("UPDATE events SET status = 'dead', error = ? WHERE id = ?", (error, event_id))
+
+    def dead_letters(self) -> list[tuple[int, str, str]]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT id, payload, error FROM events WHERE status = 'dead' ORDER BY id")
+            return [(int(i), p, e) for i, p, e in rows.fetchall()]
+
+    def pending_count(self) -> int:
+        with self._conn() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0])
+
+    def append_many(self, events: Sequence[ChangeEvent]) -> list[int]:
+        return [self.append(e) for e in events]
