@@ -46,7 +46,7 @@ def tick(sensor, instance: DagsterInstance, resources: LoraAssetsHome, cursor: s
 
 
 def measure(n_users: int, n_events: int) -> tuple[float, float, int, int]:
-    with tempfile.TemporaryDirectory() as tmp, instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
+    with tempfile.TemporaryDirectory() as tmp, instance_for_test(temp_dir=tmp) as instance:
         users = [f"u{i:06d}" for i in range(n_users)]
         for i in range(0, n_users, 10_000):
             instance.add_dynamic_partitions("users", users[i : i + 10_000])

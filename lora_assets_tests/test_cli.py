@@ -61,3 +61,91 @@ def test_bad_user_id_is_a_clear_error(cli_env):
     out = lora_assets("generate", "--user", "../etc", "--mode", "mail_reply", "--base-model", "tiny-llama", "x", env=cli_env)
     assert out.returncode == 2
     assert "invalid user id '../etc'" in out.stderr
+
+
+@pytest.fixture
+def in_process(cli_env, monkeypatch):
+    """Run ``lora-assets`` commands in this process (same entry point, no interpreter start-up)."""
+    from lora_assets.cli import main
+
+    for key in ("LORA_ASSETS_HOME", "DAGSTER_HOME"):
+        monkeypatch.setenv(key, cli_env[key])
+
+    def run(*args: str) -> int:
+        return main(list(args))
+
+    return run
+
+
+def test_ingest_validates_writes_and_announces(in_process, cli_env, tmp_path, capsys):
+    from lora_assets.orchestration.resources import LoraAssetsHome
+
+    batch = tmp_path / "mail.jsonl"
+    batch.write_text(
+        '{"id": "m1", "sender": "Sam", "subject": "Hi", "body": "Lunch?", "reply": "Sure!"}\n'
+        '{"id": "m2", "sender": "Sam", "subject": "Re", "body": "Dinner?", "reply": "Yes"}\n'
+    )
+    assert in_process("ingest", "--user", "alice", "--source", "mail", str(batch)) == 0
+    assert "2 upserts, 0 deletes -> store segment 1, change event 1" in capsys.readouterr().out
+
+    batch.write_text('{"id": "m1", "_deleted": true}\n')
+    assert in_process("ingest", "--user", "alice", "--source", "mail", str(batch)) == 0
+    resources = LoraAssetsHome(home=cli_env["LORA_ASSETS_HOME"])
+    assert [r["id"] for r in resources.store().read("alice", "mail").to_pylist()] == ["m2"]
+    assert resources.feed().pending_count() == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "m3", "sender": "Sam"}\n{"id": "m4", "subject": 12}\n')
+    assert in_process("ingest", "--user", "alice", "--source", "mail", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "'m4'" in err
+    assert resources.store().head("alice", "mail") == 2, "nothing of a bad batch is written"
+    assert resources.feed().pending_count() == 2
+
+    bad.write_text("{not json\n")
+    assert in_process("ingest", "--user", "alice", "--source", "mail", str(bad)) == 2
+    assert f"{bad}:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_base_model_add_list_retire_and_backfill(in_process, cli_env, tmp_path, capsys):
+    from dagster import DagsterInstance
+
+    from lora_assets.orchestration.runs import register_users
+
+    assert in_process("backfill", "--base-model", "tiny-llama") == 2
+    assert "not registered" in capsys.readouterr().err
+
+    assert in_process("base-model", "add", "tiny-llama") == 0
+    assert "registered" in capsys.readouterr().out
+    instance = DagsterInstance.get()
+    register_users(instance, ["alice", "bob"])
+    assert in_process("backfill", "--base-model", "tiny-llama") == 0
+    (backfill,) = instance.get_backfills()
+    assert backfill.title == "Adapters on tiny-llama"
+    assert {str(k) for k in backfill.asset_backfill_data.target_subset.iterate_asset_partitions()} >= {
+        "AssetKeyPartitionKey(asset_key=AssetKey(['mail_reply', 'adapter']), partition_key='tiny-llama|alice')"
+    }
+    targets = backfill.asset_backfill_data.target_subset
+    assert targets.num_partitions_and_non_partitioned_assets == 4 * 2
+
+    local = Path(cli_env["LORA_ASSETS_HOME"]) / "base_models" / "tiny-llama"
+    assert in_process("base-model", "add", "my-llama", "--path", str(local)) == 0
+    assert in_process("base-model", "retire", "my-llama") == 0
+    capsys.readouterr()
+    assert in_process("base-model", "list") == 0
+    listing = capsys.readouterr().out
+    assert "tiny-llama\tactive" in listing and "my-llama\tretired" in listing
+    assert in_process("backfill", "--base-model", "my-llama") == 2
+    assert "retired" in capsys.readouterr().err
+    assert in_process("base-model", "add", "bad/key") == 2
+
+
+def test_feed_lists_dead_letters(in_process, cli_env, capsys):
+    from lora_assets.orchestration.resources import LoraAssetsHome
+
+    feed = LoraAssetsHome(home=cli_env["LORA_ASSETS_HOME"]).feed()
+    event = feed.append("garbage")
+    feed.dead_letter(event, "undecodable change event 'garbage'")
+    assert in_process("feed") == 0
+    out = capsys.readouterr().out
+    assert "pending events: 0" in out and f"dead letter {event}: undecodable" in out

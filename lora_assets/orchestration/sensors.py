@@ -97,7 +97,8 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
         changed[event.user].add(event.source)
 
     last_id = items[-1].id
-    new_users = [u for u in changed if not context.instance.has_dynamic_partition(users_partitions.name, u)]
+    known = context.instance.get_existing_dynamic_partitions(users_partitions.name, sorted(changed))
+    new_users = sorted(set(changed) - set(known))  # one bounded query, however many users exist
     run_requests = []
     for user in sorted(changed):
         sources = changed[user]
