@@ -48,8 +48,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"[{user}] run: adapters on {args.base_model}", flush=True)
         result = materialize_adapters(instance, args.base_model, user, modes, resources)
         for mode in modes:
-            (mat,) = result.asset_materializations_for_node(f"{mode.name}__adapter")
-            meta = {k: v.value for k, v in mat.metadata.items()}
+            mats = result.asset_materializations_for_node(f"{mode.name}__adapter")
+            if not mats:
+                rows.append([user, mode.name, args.base_model, "-", "-", "-", "-", "training failed"])
+                continue
+            meta = {k: v.value for k, v in mats[0].metadata.items()}
+            published = result.asset_materializations_for_node(f"{mode.name}__published")
+            status = published[0].metadata["version"].value if published else "gate failed"
             rows.append(
                 [
                     user,
@@ -59,10 +64,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     f"{meta['adapter_eval_loss']:.3f}",
                     f"{meta['train_seconds']:.1f}",
                     f"{meta['tokens_per_second']:.0f}",
+                    status,
                 ]
             )
-    _print_table(["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s"], rows)
+    _print_table(
+        ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s", "published"], rows
+    )
     print(f"adapters under {resources.path / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
+    print(f"published to the users' drives under {resources.drive().root}; sync a device with:")
+    print(f"  lora-assets sync --user {users[0]} --device-dir /tmp/device-{users[0]} --base-model {args.base_model}")
     print("see the runs and the asset graph: make ui  (then open http://127.0.0.1:3000)")
     return 0
 
@@ -70,22 +80,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lora_assets.adapters import adapter_dir
     from lora_assets.data.user_store import validate_user_id
+    from lora_assets.drive.sync import installed_adapter_dir, verify_installed
     from lora_assets.modes import get_mode
     from lora_assets.training import load_base_model
     from lora_assets.training.inference import generate, load_adapter
 
     mode = get_mode(args.mode)
     home = data_home()
-    base = load_base_model(args.base_model, home)
-    model = base.model
-    if not args.no_adapter:
+    if args.no_adapter:
+        path = None
+    elif args.device_dir:
+        path = installed_adapter_dir(Path(args.device_dir), args.base_model, mode.name)
+        verify_installed(path)
+    else:
+        if not args.user:
+            raise ValueError("--user is required unless --device-dir is given")
         path = adapter_dir(home, args.base_model, validate_user_id(args.user), mode.name)
         if not path.exists():
             print(f"error: no {mode.name} adapter for user {args.user!r} on {args.base_model} at {path}", file=sys.stderr)
             return 1
-        model = load_adapter(base, path)
+    base = load_base_model(args.base_model, home)
+    model = load_adapter(base, path) if path is not None else base.model
     print(generate(model, base.tokenizer, args.prompt, system=mode.system, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from lora_assets.drive.sync import sync_device
+    from lora_assets.orchestration.resources import LoraAssetsHome
+
+    drive = LoraAssetsHome(home=str(data_home())).drive()
+    report = sync_device(drive, args.user, Path(args.device_dir), args.base_model)
+    for mode, old, new in report.changed:
+        print(f"{mode}: {old or '(none)'} -> {new}")
+    for mode, version in report.unchanged:
+        print(f"{mode}: {version} (up to date)")
+    for mode, reason in report.failed:
+        print(f"error: {mode}: kept the installed version: {reason}", file=sys.stderr)
+    if not (report.changed or report.unchanged or report.failed):
+        print(f"nothing published for user {args.user!r} on {args.base_model}")
+    return 0 if report.ok else 1
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -234,8 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     fd = sub.add_parser("feed", help="change feed status: pending events and dead letters")
     fd.set_defaults(func=_cmd_feed)
 
+    sy = sub.add_parser("sync", help="install a user's CURRENT adapters from their drive into a device folder")
+    sy.add_argument("--user", required=True)
+    sy.add_argument("--device-dir", required=True)
+    sy.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    sy.set_defaults(func=_cmd_sync)
+
     gen = sub.add_parser("generate", help="complete a prompt with a user's adapter")
-    gen.add_argument("--user", required=True)
+    gen.add_argument("--user", help="use the user's adapter from the data dir")
+    gen.add_argument("--device-dir", help="use the adapter installed on a synced device folder")
     gen.add_argument("--mode", required=True)
     gen.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -252,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, KeyError, BaseModelError) as exc:
+    except (ValueError, KeyError, BaseModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

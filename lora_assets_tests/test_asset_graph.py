@@ -153,9 +153,12 @@ def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, 
     base_cache._cached.clear()
 
     keys = instance.get_dynamic_partitions("users")
+    from lora_assets.drive.publish import read_current
+    from lora_assets.orchestration.assets import published_key
+
     result = materialize(
         all_assets(),
-        selection=[adapter_key("search_suggest")],
+        selection=[adapter_key("search_suggest"), published_key("search_suggest")],
         instance=instance,
         resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4)},
         tags={
@@ -167,5 +170,46 @@ def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, 
     assert len(loads) == 1
     parts = sorted(m.partition for m in result.asset_materializations_for_node("search_suggest__adapter"))
     assert parts == ["tiny-llama|user-000", "tiny-llama|user-001"]
+    checks = sorted((e.partition, e.passed) for e in result.get_asset_check_evaluations() if e.partition)
+    assert checks == [("tiny-llama|user-000", True), ("tiny-llama|user-001", True)]
+    drive = LoraAssetsHome(home=str(data)).drive()
     for user in keys:
         assert (data / "adapters" / "tiny-llama" / user / "search_suggest" / "adapter_model.safetensors").exists()
+        assert read_current(drive, user, "tiny-llama", "search_suggest") is not None
+
+
+def test_eval_gate_blocks_publication_and_shows_as_a_failed_check(dagster_env):
+    from lora_assets.drive.publish import read_current
+    from lora_assets.orchestration.assets import published_key
+
+    instance, data, _ = dagster_env
+    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], "user-000").success
+    keys = [adapter_key("search_suggest"), published_key("search_suggest")]
+
+    def run(margin: float):
+        return materialize(
+            all_assets(), selection=keys, partition_key="tiny-llama|user-000", instance=instance,
+            resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4, gate_margin=margin)},
+            raise_on_error=False,
+        )
+
+    blocked = run(margin=100.0)  # no adapter beats the base by 100 nats
+    (evaluation,) = blocked.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.partition == "tiny-llama|user-000"
+    assert "does not beat base" in evaluation.metadata["reason"].value
+    assert evaluation.metadata["adapter_eval_loss"].value < evaluation.metadata["base_eval_loss"].value
+    assert not blocked.asset_materializations_for_node("search_suggest__published")
+    drive = LoraAssetsHome(home=str(data)).drive()
+    assert read_current(drive, "user-000", "tiny-llama", "search_suggest") is None
+
+    passed = run(margin=0.01)
+    (evaluation,) = passed.get_asset_check_evaluations()
+    assert evaluation.passed
+    (published,) = passed.asset_materializations_for_node("search_suggest__published")
+    pointer, _ = read_current(drive, "user-000", "tiny-llama", "search_suggest")
+    assert pointer["version"] == published.metadata["version"].value
+
+    # The same adapter again is not a regression: the gate compares against the published one.
+    again = run(margin=0.01)
+    (evaluation,) = again.get_asset_check_evaluations()
+    assert evaluation.passed and evaluation.metadata["published_version"].value == pointer["version"]

@@ -23,6 +23,7 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.data.ingest import ingest
 from lora_assets.datasets import dataset_path, read_dataset
+from lora_assets.drive.sync import sync_device
 from lora_assets.modes import MODES
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import launch_adapter_backfill, register_base_model_partition
@@ -49,7 +50,10 @@ class Daemon:
             "DAGSTER_HOME": str(self.dagster_home),
             "LORA_ASSETS_HOME": str(self.data),
             "LORA_ASSETS_SENSOR_INTERVAL_S": "1",
-            "LORA_ASSETS_TRAIN_STEPS": "2",
+            "LORA_ASSETS_TRAIN_STEPS": "3",
+            # Gate on "better than base"; retrains of a few steps may tie the published version.
+            "LORA_ASSETS_GATE_MARGIN": "0.0",
+            "LORA_ASSETS_GATE_TOLERANCE": "1.0",
         }
         self.instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(self.dagster_home)))
         self.resources = LoraAssetsHome(home=str(self.data))
@@ -149,6 +153,10 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
     assert sorted(daemon.instance.get_dynamic_partitions("users")) == list(USERS)
     assert set(dataset_runs(seeded)) == set(USERS)
     assert adapter_runs(seeded) == {f"tiny-llama|{u}": ALL_ADAPTERS for u in USERS}
+    # ... and every adapter passed its gate and is published: a device can sync all four modes.
+    device = tmp_path / "device-000"
+    report = sync_device(daemon.resources.drive(), "user-000", device, "tiny-llama")
+    assert report.ok and sorted(m for m, _old, _new in report.changed) == sorted(MODES)
 
     # A mail change for user-000 retrains exactly user-000's mail adapter.
     daemon.ingest("user-000", "mail", [{"id": "mail-new-1", "sender": "Sam", "subject": "Lunch?",
@@ -156,6 +164,8 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
     runs = daemon.new_runs(seeded)
     assert dataset_runs(runs) == {"user-000": {"sources/mail", "mail_reply/dataset"}}
     assert adapter_runs(runs) == {"tiny-llama|user-000": {"mail_reply/adapter"}}
+    report = sync_device(daemon.resources.drive(), "user-000", device, "tiny-llama")
+    assert [m for m, _old, _new in report.changed] == ["mail_reply"]
 
     # A contacts change retrains every contact-dependent mode of user-000.
     before = daemon.runs()

@@ -150,7 +150,7 @@ def test_adapters_retrain_only_when_the_dataset_version_changes(env):
 
     first = _tick(adapter_retrain_sensor, instance, res, None)
     assert sorted(r.partition_key for r in first.run_requests) == ["smollm2-135m|alice", "tiny-llama|alice"]
-    assert all(_selection(r) == {"search_suggest/adapter"} for r in first.run_requests)
+    assert all(_selection(r) == {"search_suggest/adapter", "search_suggest/published"} for r in first.run_requests)
 
     # Both adapters get trained on that version; the same content again trains nothing.
     for base in ("tiny-llama", "smollm2-135m"):

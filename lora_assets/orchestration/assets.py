@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     AssetsDefinition,
     BackfillPolicy,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     MultiToSingleDimensionPartitionMapping,
@@ -30,6 +35,8 @@ from lora_assets.adapters import adapter_dir, job_for
 from lora_assets.data.schemas import SOURCES
 from lora_assets.data.user_store import table_fingerprint
 from lora_assets.datasets import build_dataset, content_hash, dataset_path, read_dataset, write_dataset
+from lora_assets.drive.publish import adapter_prefix, publish_adapter
+from lora_assets.gate import evaluate_gate, read_gate
 from lora_assets.modes import MODES, Mode
 from lora_assets.orchestration.partitions import adapter_partitions, split_adapter_key, users_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
@@ -49,6 +56,13 @@ def dataset_key(mode: str) -> AssetKey:
 
 def adapter_key(mode: str) -> AssetKey:
     return AssetKey([mode, "adapter"])
+
+
+def published_key(mode: str) -> AssetKey:
+    return AssetKey([mode, "published"])
+
+
+GATE_CHECK = "eval_gate"
 
 
 def build_source_asset(source: str) -> AssetsDefinition:
@@ -129,13 +143,25 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
         owners=OWNERS,
         pool=TRAINING_POOL,
         backfill_policy=BackfillPolicy.multi_run(ADAPTER_PARTITIONS_PER_RUN),
+        check_specs=[
+            AssetCheckSpec(
+                GATE_CHECK,
+                asset=adapter_key(mode.name),
+                blocking=True,
+                partitions_def=adapter_partitions,  # one verdict per (base model, user)
+                description=(
+                    "Publish only if held-out loss beats the base model by the configured margin "
+                    "and does not regress against the published version on the same held-out set."
+                ),
+            )
+        ],
         description=(
             f"{mode.description} A LoRA adapter (r={mode.lora.r}, alpha={mode.lora.alpha} on "
             f"{'/'.join(m.split('_')[0] for m in mode.lora.target_modules)}) per base model and "
             "user, trained on the user's dataset; a standard PEFT folder."
         ),
     )
-    def _adapter(context: AssetExecutionContext, lora_home: LoraAssetsHome) -> MaterializeResult:
+    def _adapter(context: AssetExecutionContext, lora_home: LoraAssetsHome):
         keys = list(context.partition_keys)
         by_base: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key in keys:
@@ -145,11 +171,40 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
         for base_model, items in by_base.items():
             metadata.update(train_mode_adapters(context, lora_home, mode, base_model, items))
         if len(keys) == 1:
-            meta = metadata[keys[0]]
-            return MaterializeResult(data_version=DataVersion(meta["sha256"]), metadata=meta)
-        for key, meta in metadata.items():  # a backfill run: one event per partition
+            meta, gate = metadata[keys[0]]
+            return MaterializeResult(
+                data_version=DataVersion(meta["sha256"]),
+                metadata=meta,
+                check_results=[AssetCheckResult(check_name=GATE_CHECK, passed=gate.passed, metadata=_gate_metadata(gate))],
+            )
+        # A backfill run over several partitions: metadata and gate verdict per partition. The
+        # published step re-reads each partition's verdict, since one blocking result cannot
+        # speak for a whole range.
+        for key, (meta, gate) in metadata.items():
             context.add_asset_metadata(meta, partition_key=key)
-        return MaterializeResult()
+            context.log_event(
+                AssetCheckEvaluation(
+                    asset_key=adapter_key(mode.name),
+                    check_name=GATE_CHECK,
+                    passed=gate.passed,
+                    metadata=_gate_metadata(gate),
+                    partition=key,
+                    blocking=True,
+                )
+            )
+        # The op still owes one result for the check's output. It must not block the range's
+        # publish step: that step re-reads every partition's verdict and publishes only passes.
+        failed = sorted(k for k, (_meta, gate) in metadata.items() if not gate.passed)
+        return MaterializeResult(
+            check_results=[
+                AssetCheckResult(
+                    check_name=GATE_CHECK,
+                    passed=True,
+                    description="Range run: verdicts are recorded per partition",
+                    metadata={"partitions": len(metadata), "failed_partitions": ", ".join(failed)},
+                )
+            ]
+        )
 
     return _adapter
 
@@ -191,10 +246,78 @@ def train_mode_adapters(
 
     base = loaded_base_model(base_model, home)
     results = train_adapters(jobs, base, progress=progress)
+    out = {}
+    for (key, user), job, result in zip(items, jobs, results):
+        gate = evaluate_gate(
+            base, job, result, lora_home.drive(), user, mode.name, lora_home.gate_margin, lora_home.gate_tolerance
+        )
+        context.log.info(f"[{job.name}] gate {'passed' if gate.passed else 'FAILED'}: {gate.reason}")
+        out[key] = (_adapter_metadata(result, job.metadata["dataset_version"]), gate)
+    return out
+
+
+def _gate_metadata(gate) -> dict[str, Any]:
     return {
-        key: _adapter_metadata(r, job.metadata["dataset_version"])
-        for (key, _user), job, r in zip(items, jobs, results)
+        "reason": gate.reason,
+        "base_eval_loss": gate.base_eval_loss,
+        "adapter_eval_loss": gate.adapter_eval_loss,
+        "published_version": gate.published_version or "",
+        "published_eval_loss": gate.published_eval_loss,
+        "margin": gate.margin,
+        "tolerance": gate.tolerance,
     }
+
+
+def build_published_asset(mode: Mode) -> AssetsDefinition:
+    @asset(
+        key=published_key(mode.name),
+        deps=[adapter_key(mode.name)],
+        partitions_def=adapter_partitions,
+        group_name=mode.name,
+        kinds={"safetensors", "folder"},
+        owners=OWNERS,
+        backfill_policy=BackfillPolicy.multi_run(ADAPTER_PARTITIONS_PER_RUN),
+        description=(
+            f"The {mode.name} adapter as published to the user's drive: an immutable version folder "
+            "with a manifest of sha256s, and the CURRENT pointer devices sync from. Runs only when "
+            "the adapter's eval gate passed."
+        ),
+    )
+    def _published(context: AssetExecutionContext, lora_home: LoraAssetsHome) -> MaterializeResult:
+        results, gated = {}, {}
+        for key in context.partition_keys:
+            base_model, user = split_adapter_key(key)
+            folder = adapter_dir(lora_home.path, base_model, user, mode.name)
+            gate = read_gate(folder)
+            if gate is None or not gate.passed:
+                # Blocking checks stop this step in single-partition runs; backfill runs reach
+                # here with every partition, so the gate is re-read per partition.
+                gated[key] = gate.reason if gate else "never evaluated"
+                continue
+            published = publish_adapter(lora_home.drive(), user, base_model, mode.name, folder, keep=lora_home.keep_versions)
+            context.log.info(f"[{user}/{mode.name}] published {published.version} (flipped: {published.flipped})")
+            results[key] = {
+                "version": published.version,
+                "current_flipped": published.flipped,
+                "previous_version": published.previous or "",
+                "deleted_versions": ", ".join(published.deleted_versions),
+                "drive_prefix": adapter_prefix(user, base_model, mode.name),
+            }
+        if gated:
+            for key, meta in results.items():  # record what did get published, then fail
+                context.log_event(AssetMaterialization(published_key(mode.name), partition=key, metadata=meta))
+            raise Failure(
+                f"{mode.name}: not published, eval gate failed for "
+                + "; ".join(f"{k}: {reason}" for k, reason in sorted(gated.items()))
+            )
+        if len(results) == 1:
+            (meta,) = results.values()
+            return MaterializeResult(data_version=DataVersion(meta["version"]), metadata=meta)
+        for key, meta in results.items():
+            context.add_asset_metadata(meta, partition_key=key)
+        return MaterializeResult()
+
+    return _published
 
 
 def _adapter_metadata(result, dataset_version: str) -> dict[str, Any]:
@@ -252,4 +375,5 @@ def all_assets() -> list[AssetsDefinition]:
         *(build_source_asset(s) for s in SOURCES),
         *(build_dataset_asset(m) for m in MODES.values()),
         *(build_adapter_asset(m) for m in MODES.values()),
+        *(build_published_asset(m) for m in MODES.values()),
     ]

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from lora_assets.data.change_feed import ChangeFeed
 from lora_assets.data.user_store import UserStore
+from lora_assets.drive.store import LocalDrive
 from lora_assets.paths import data_home
 
 
@@ -28,6 +29,20 @@ class LoraAssetsHome(ConfigurableResource):
 
     def store(self) -> UserStore:
         return UserStore(self.path / "users")
+
+    drive_root: str = Field(default="", description="Users' drives; empty means <home>/drive")
+    keep_versions: int = Field(default=3, description="Published versions kept per adapter")
+    gate_margin: float = Field(
+        default=float(os.environ.get("LORA_ASSETS_GATE_MARGIN", "0.01")),
+        description="Publish only if held-out loss beats the base model's by at least this (nats)",
+    )
+    gate_tolerance: float = Field(
+        default=float(os.environ.get("LORA_ASSETS_GATE_TOLERANCE", "0.0")),
+        description="... and is at most this much worse than the published version's on the same data",
+    )
+
+    def drive(self) -> LocalDrive:
+        return LocalDrive(Path(self.drive_root).expanduser() if self.drive_root else self.path / "drive")
 
     def feed(self) -> ChangeFeed:
         return ChangeFeed(self.path / "change_feed.sqlite")

@@ -11,7 +11,7 @@ from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import Mode
-from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, source_key
+from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, published_key, source_key
 from lora_assets.orchestration.partitions import (
     adapter_partition_key,
     base_model_partitions,
@@ -67,15 +67,17 @@ def materialize_adapters(
     modes: Sequence[Mode],
     resources: LoraAssetsHome,
 ) -> ExecuteInProcessResult:
-    """One run training the user's adapters of ``modes``; the base model loads once."""
+    """One run training the user's adapters of ``modes`` (base model loaded once) and publishing
+    those that pass the eval gate to the user's drive."""
     return materialize(
         all_assets(),
-        selection=[adapter_key(m.name) for m in modes],
+        selection=[k for m in modes for k in (adapter_key(m.name), published_key(m.name))],
         partition_key=str(adapter_partition_key(base_model, user)),
         instance=instance,
         resources={"lora_home": resources},
         tags={"lora_assets/launched_by": "cli"},
         run_config=QUIET,
+        raise_on_error=False,  # a failed eval gate is an outcome to report, not a crash
     )
 
 
@@ -105,7 +107,7 @@ def launch_adapter_backfill(instance: DagsterInstance, base_model: str) -> str:
         backfill_id=backfill_id,
         asset_graph=defs.resolve_asset_graph(),
         partition_names=[str(adapter_partition_key(base_model, u)) for u in users],
-        asset_selection=[adapter_key(m) for m in MODES],
+        asset_selection=[k for m in MODES for k in (adapter_key(m), published_key(m))],
         backfill_timestamp=get_current_timestamp(),
         tags={"lora_assets/trigger": "new_base_model", "lora_assets/base_model": base_model},
         dynamic_partitions_store=instance,

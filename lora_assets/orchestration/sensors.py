@@ -29,7 +29,7 @@ from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.schemas import SOURCES, InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import MODES, Mode
-from lora_assets.orchestration.assets import adapter_key, dataset_key, source_key
+from lora_assets.orchestration.assets import adapter_key, dataset_key, published_key, source_key
 from lora_assets.orchestration.partitions import adapter_partition_key, base_model_partitions, users_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
 
@@ -144,13 +144,14 @@ def adapter_is_current(instance: DagsterInstance, mode: str, partition: str, ver
 
 @sensor(
     name="adapter_retrain_sensor",
-    target=AssetSelection.assets(*(adapter_key(m) for m in MODES)),
+    target=AssetSelection.assets(*(adapter_key(m) for m in MODES), *(published_key(m) for m in MODES)),
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "Watches dataset materializations; when a user's dataset has a data version its adapters "
         "were not trained on, launches one run per (base model, user) retraining those modes' "
-        "adapters for every active base model. Same content, no training."
+        "adapters (and publishing the ones that pass the eval gate) for every active base model. "
+        "Same content, no training."
     ),
 )
 def adapter_retrain_sensor(context: SensorEvaluationContext) -> SensorResult:
@@ -194,7 +195,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext) -> SensorResult:
         RunRequest(
             run_key=f"retrain:{base}|{user}:{newest[user]}",
             partition_key=str(adapter_partition_key(base, user)),
-            asset_selection=[adapter_key(m) for m in modes],
+            asset_selection=[k for m in sorted(modes) for k in (adapter_key(m), published_key(m))],
             tags={"lora_assets/trigger": "dataset_changed", **{_dataset_version_tag(m): v for m, v in modes.items()}},
         )
         for (base, user), modes in sorted(todo.items())

@@ -11,12 +11,29 @@ from lora_assets.training.core import chat_prompt_ids
 
 
 def load_adapter(base: LoadedBaseModel, adapter_dir: Path):
-    """Attach a saved PEFT adapter to the loaded base (safetensors only, inference mode)."""
-    from peft import PeftModel
+    """Attach a saved PEFT adapter to the loaded base, reading tensors with safetensors only.
 
-    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"no adapter_model.safetensors in {adapter_dir}")
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
+    No pickle and no ``torch.load`` ever touch the files: the config is JSON, the weights are
+    ``adapter_model.safetensors``, and every LoRA tensor the config implies must be present.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no adapter_model.safetensors in {folder}")
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    model = get_peft_model(base.model, config)
+    result = set_peft_model_state_dict(model, load_file(str(weights), device=str(base.device)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        model.unload()
+        raise ValueError(
+            f"{weights}: tensors do not match adapter_config.json "
+            f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})"
+        )
     model.eval()
     return model
 

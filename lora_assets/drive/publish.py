@@ -1,0 +1,196 @@
+"""Publication of adapters to a user's drive: immutable versions plus an atomic CURRENT pointer.
+
+Layout under the drive root::
+
+    <user>/adapters/<base_model>/<mode>/<version>/adapter_model.safetensors
+    <user>/adapters/<base_model>/<mode>/<version>/adapter_config.json
+    <user>/adapters/<base_model>/<mode>/<version>/lora_assets.json
+    <user>/adapters/<base_model>/<mode>/<version>/manifest.json      written last
+    <user>/adapters/<base_model>/<mode>/CURRENT                        {"version": ..., ...}
+
+A version id is the content hash of the adapter files, so re-publishing the same adapter (a rerun
+after a crash) lands in the same folder and completes it. Readers go CURRENT -> manifest ->
+files and check every sha256; a version without a manifest is not finished and is never pointed
+at. CURRENT only moves forward (to a version created later) and only by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lora_assets.data.user_store import validate_user_id
+from lora_assets.drive.store import Drive, PointerConflict
+from lora_assets.training.base_models import validate_base_model_key
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json")
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+DEFAULT_KEEP = 3
+PROTOCOL = 1
+
+
+class CorruptVersion(ValueError):
+    """A published file is missing or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    flipped: bool  # False when a newer version was already current (ours stays, unpointed)
+    previous: str | None
+    deleted_versions: tuple[str, ...]
+
+
+def adapter_prefix(user: str, base_model: str, mode: str) -> str:
+    validate_user_id(user)
+    validate_base_model_key(base_model)
+    if not mode.replace("_", "").isalnum():
+        raise ValueError(f"invalid mode name {mode!r}")
+    return f"{user}/adapters/{base_model}/{mode}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_current(drive: Drive, user: str, base_model: str, mode: str) -> tuple[dict[str, Any], str] | None:
+    """The CURRENT pointer's content and etag, or None when nothing is published."""
+    found = drive.get_pointer(f"{adapter_prefix(user, base_model, mode)}/{CURRENT}")
+    return (json.loads(found[0]), found[1]) if found else None
+
+
+def read_manifest(drive: Drive, user: str, base_model: str, mode: str, version: str) -> dict[str, Any]:
+    return json.loads(drive.get(f"{adapter_prefix(user, base_model, mode)}/{version}/{MANIFEST}"))
+
+
+def current_manifest(drive: Drive, user: str, base_model: str, mode: str) -> dict[str, Any] | None:
+    found = read_current(drive, user, base_model, mode)
+    return read_manifest(drive, user, base_model, mode, found[0]["version"]) if found else None
+
+
+def fetch_verified(drive: Drive, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file of a version, each checked against the manifest's size and sha256."""
+    out = {}
+    for name, meta in manifest["files"].items():
+        key = f"{prefix}/{manifest['version']}/{name}"
+        try:
+            data = drive.get(key)
+        except FileNotFoundError:
+            raise CorruptVersion(f"{key}: missing") from None
+        if len(data) != meta["size"]:
+            raise CorruptVersion(f"{key}: size {len(data)} != manifest {meta['size']} (truncated?)")
+        if _sha256(data) != meta["sha256"]:
+            raise CorruptVersion(f"{key}: sha256 mismatch (corrupted)")
+        out[name] = data
+    return out
+
+
+def publish_adapter(
+    drive: Drive,
+    user: str,
+    base_model: str,
+    mode: str,
+    adapter_dir: Path,
+    keep: int = DEFAULT_KEEP,
+    extra: dict[str, Any] | None = None,
+    before_flip: Callable[[str], None] | None = None,
+) -> PublishResult:
+    """Upload the adapter as an immutable version, then move CURRENT to it (if it is newer).
+
+    ``before_flip`` is called between the upload and the pointer flip (tests simulate a crash).
+    """
+    prefix = adapter_prefix(user, base_model, mode)
+    blobs = {name: (Path(adapter_dir) / name).read_bytes() for name in ADAPTER_FILES}
+    version = _sha256(b"".join(_sha256(blobs[n]).encode() for n in ADAPTER_FILES))[:16]
+    created_at = datetime.now(timezone.utc).isoformat()
+    manifest_key = f"{prefix}/{version}/{MANIFEST}"
+    if drive.exists(manifest_key):
+        manifest = json.loads(drive.get(manifest_key))
+        fetch_verified(drive, prefix, manifest)  # a complete earlier upload: reuse it
+    else:
+        meta = json.loads(blobs["lora_assets.json"])
+        manifest = {
+            "protocol": PROTOCOL,
+            "version": version,
+            "user": user,
+            "base_model": base_model,
+            "base_model_revision": meta.get("base_model_revision"),
+            "mode": mode,
+            "dataset_version": meta.get("dataset_version"),
+            "metrics": meta.get("metrics", {}),
+            "created_at": created_at,
+            "files": {n: {"sha256": _sha256(b), "size": len(b)} for n, b in blobs.items()},
+            **(extra or {}),
+        }
+        for name, data in blobs.items():
+            drive.put(f"{prefix}/{version}/{name}", data)
+        drive.put(manifest_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    if before_flip is not None:
+        before_flip(version)
+    flipped, previous = _flip_current(drive, prefix, manifest)
+    deleted = apply_retention(drive, user, base_model, mode, keep)
+    return PublishResult(version, flipped, previous, tuple(deleted))
+
+
+def _flip_current(drive: Drive, prefix: str, manifest: dict[str, Any]) -> tuple[bool, str | None]:
+    key = f"{prefix}/{CURRENT}"
+    pointer = {
+        "version": manifest["version"],
+        "manifest_sha256": _sha256(drive.get(f"{prefix}/{manifest['version']}/{MANIFEST}")),
+        "created_at": manifest["created_at"],
+        "protocol": PROTOCOL,
+    }
+    for _attempt in range(20):
+        found = drive.get_pointer(key)
+        current = json.loads(found[0]) if found else None
+        if current and current["version"] == manifest["version"]:
+            return False, current["version"]
+        if current and current["created_at"] > manifest["created_at"]:
+            return False, current["version"]  # a newer version won the race; keep it
+        try:
+            drive.put_pointer(key, json.dumps(pointer, sort_keys=True).encode(), found[1] if found else None)
+        except PointerConflict:
+            continue  # someone flipped in between: re-read and decide again
+        return True, current["version"] if current else None
+    raise PointerConflict(f"{key}: gave up after 20 conflicting writers")
+
+
+def list_versions(drive: Drive, user: str, base_model: str, mode: str) -> list[tuple[str, str, bool]]:
+    """(version, created_at, complete) for every version folder, oldest first."""
+    prefix = adapter_prefix(user, base_model, mode)
+    versions: dict[str, bool] = {}
+    for key in drive.list(prefix):
+        parts = key[len(prefix) + 1 :].split("/")
+        if len(parts) == 2:
+            versions[parts[0]] = versions.get(parts[0], False) or parts[1] == MANIFEST
+    out = []
+    for version, complete in versions.items():
+        created = read_manifest(drive, user, base_model, mode, version)["created_at"] if complete else ""
+        out.append((version, created, complete))
+    return sorted(out, key=lambda v: v[1])
+
+
+def apply_retention(drive: Drive, user: str, base_model: str, mode: str, keep: int) -> list[str]:
+    """Delete complete versions beyond the newest ``keep``; never the current one.
+
+    The manifest goes first, so a half-deleted version reads as unfinished, not as corrupt.
+    Unfinished uploads are left for a rerun to complete.
+    """
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    found = read_current(drive, user, base_model, mode)
+    current = found[0]["version"] if found else None
+    complete = [v for v, _created, done in list_versions(drive, user, base_model, mode) if done]
+    doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
+    prefix = adapter_prefix(user, base_model, mode)
+    for version in doomed:
+        drive.delete(f"{prefix}/{version}/{MANIFEST}")
+        for key in drive.list(f"{prefix}/{version}"):
+            drive.delete(key)
+    return doomed

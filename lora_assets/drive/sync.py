@@ -1,0 +1,127 @@
+"""Device sync: pull every mode's CURRENT adapter from the user's drive into a device folder.
+
+Device layout::
+
+    <device_dir>/<base_model>/<mode>/<version>/{adapter files, manifest.json}
+    <device_dir>/<base_model>/<mode>/CURRENT        the installed version id
+
+A version is downloaded into a staging folder, verified file by file against the manifest (whose
+own hash the drive's pointer carries), renamed into place, and only then does the device's
+CURRENT move. Anything wrong leaves the previous version installed and current. The previous
+version is kept on the device for rollback; older ones are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_assets.drive.publish import (
+    CURRENT,
+    MANIFEST,
+    CorruptVersion,
+    adapter_prefix,
+    fetch_verified,
+    read_current,
+)
+from lora_assets.drive.store import Drive
+
+
+@dataclass
+class SyncReport:
+    changed: list[tuple[str, str | None, str]] = field(default_factory=list)  # (mode, old, new)
+    unchanged: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (mode, reason)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def published_modes(drive: Drive, user: str, base_model: str) -> list[str]:
+    """Modes that have a CURRENT pointer in the user's drive for this base model."""
+    prefix = f"{user}/adapters/{base_model}/"
+    modes = set()
+    for key in drive.list(prefix.rstrip("/")):
+        parts = key[len(prefix) :].split("/")
+        if len(parts) == 2 and parts[1] == CURRENT:
+            modes.add(parts[0])
+    return sorted(modes)
+
+
+def installed_version(device_dir: Path, base_model: str, mode: str) -> str | None:
+    path = Path(device_dir) / base_model / mode / CURRENT
+    return path.read_text().strip() if path.exists() else None
+
+
+def installed_adapter_dir(device_dir: Path, base_model: str, mode: str) -> Path:
+    """The folder of the installed CURRENT version of a mode on the device."""
+    version = installed_version(device_dir, base_model, mode)
+    if version is None:
+        raise FileNotFoundError(f"no {mode} adapter for {base_model} installed in {device_dir}; run lora-assets sync")
+    return Path(device_dir) / base_model / mode / version
+
+
+def verify_installed(folder: Path) -> None:
+    """Re-check an installed version against its manifest before trusting its tensors."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CorruptVersion(f"{folder / name}: does not match its manifest")
+
+
+def sync_device(drive: Drive, user: str, device_dir: Path, base_model: str) -> SyncReport:
+    report = SyncReport()
+    device_dir = Path(device_dir)
+    for mode in published_modes(drive, user, base_model):
+        try:
+            _sync_mode(drive, user, device_dir, base_model, mode, report)
+        except (CorruptVersion, FileNotFoundError, ValueError, KeyError) as exc:
+            report.failed.append((mode, str(exc)))
+    return report
+
+
+def _sync_mode(drive: Drive, user: str, device_dir: Path, base_model: str, mode: str, report: SyncReport) -> None:
+    prefix = adapter_prefix(user, base_model, mode)
+    found = read_current(drive, user, base_model, mode)
+    if found is None:
+        return
+    pointer = found[0]
+    version = pointer["version"]
+    mode_dir = device_dir / base_model / mode
+    old = installed_version(device_dir, base_model, mode)
+    if old == version and (mode_dir / version / MANIFEST).exists():
+        verify_installed(mode_dir / version)
+        report.unchanged.append((mode, version))
+        return
+    manifest_bytes = drive.get(f"{prefix}/{version}/{MANIFEST}")
+    if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
+        raise CorruptVersion(f"{prefix}/{version}/{MANIFEST}: does not match the CURRENT pointer")
+    manifest = json.loads(manifest_bytes)
+    files = fetch_verified(drive, prefix, manifest)
+
+    mode_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=mode_dir))
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        (staging / MANIFEST).write_bytes(manifest_bytes)
+        target = mode_dir / version
+        if target.exists():
+            shutil.rmtree(target)  # an earlier, interrupted install of the same version
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tmp = mode_dir / f".{CURRENT}.tmp"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, mode_dir / CURRENT)
+    for stale in mode_dir.iterdir():  # keep the new and the previous version only
+        if stale.is_dir() and stale.name not in (version, old) and not stale.name.startswith("."):
+            shutil.rmtree(stale, ignore_errors=True)
+    report.changed.append((mode, old, version))

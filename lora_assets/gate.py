@@ -1,0 +1,89 @@
+"""The evaluation gate: publish an adapter only if it is better than the base model, and not
+worse than what the user's devices already run. No dagster here; the asset check reports it.
+
+Both comparisons use the *new* held-out set: the published adapter is evaluated on it too, so a
+regression is measured on the same data, not on numbers from different eval sets.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_verified
+from lora_assets.drive.store import Drive
+from lora_assets.training.base_models import LoadedBaseModel
+from lora_assets.training.core import TrainJob, TrainResult, evaluate_adapter
+
+GATE_FILE = "gate.json"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str
+    base_eval_loss: float | None
+    adapter_eval_loss: float | None
+    published_version: str | None
+    published_eval_loss: float | None
+    margin: float
+    tolerance: float
+
+
+def decide(
+    base_loss: float | None,
+    adapter_loss: float | None,
+    published_loss: float | None,
+    margin: float,
+    tolerance: float,
+) -> tuple[bool, str]:
+    if base_loss is None or adapter_loss is None:
+        return False, "no held-out examples to evaluate on"
+    if adapter_loss > base_loss - margin:
+        return False, f"adapter {adapter_loss:.4f} does not beat base {base_loss:.4f} by {margin}"
+    if published_loss is not None and adapter_loss > published_loss + tolerance:
+        return False, f"adapter {adapter_loss:.4f} regresses against published {published_loss:.4f} (+{tolerance})"
+    return True, f"adapter {adapter_loss:.4f} < base {base_loss:.4f} - {margin}" + (
+        f" and <= published {published_loss:.4f} + {tolerance}" if published_loss is not None else ""
+    )
+
+
+def evaluate_gate(
+    base: LoadedBaseModel,
+    job: TrainJob,
+    result: TrainResult,
+    drive: Drive,
+    user: str,
+    mode: str,
+    margin: float,
+    tolerance: float,
+) -> GateResult:
+    """Compare the fresh adapter with the base and with the published CURRENT version."""
+    published = current_manifest(drive, user, base.ref.key, mode)
+    published_loss = None
+    if published is not None and job.eval:
+        files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            published_loss = evaluate_adapter(base, Path(tmp), job.eval, job.max_length)
+    passed, reason = decide(result.base_eval_loss, result.adapter_eval_loss, published_loss, margin, tolerance)
+    gate = GateResult(
+        passed=passed,
+        reason=reason,
+        base_eval_loss=result.base_eval_loss,
+        adapter_eval_loss=result.adapter_eval_loss,
+        published_version=published["version"] if published else None,
+        published_eval_loss=published_loss,
+        margin=margin,
+        tolerance=tolerance,
+    )
+    (Path(job.output_dir) / GATE_FILE).write_text(json.dumps(asdict(gate), indent=2))
+    return gate
+
+
+def read_gate(adapter_dir: Path) -> GateResult | None:
+    path = Path(adapter_dir) / GATE_FILE
+    return GateResult(**json.loads(path.read_text())) if path.exists() else None

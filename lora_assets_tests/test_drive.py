@@ -1,0 +1,226 @@
+"""Publication to the user's drive, the eval gate, and device sync."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_assets.adapters import job_for
+from lora_assets.drive.publish import (
+    CorruptVersion,
+    apply_retention,
+    list_versions,
+    publish_adapter,
+    read_current,
+)
+from lora_assets.drive.store import LocalDrive, PointerConflict
+from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device
+from lora_assets.gate import decide
+from lora_assets.modes import MODES, build_examples
+from lora_assets.training import train_adapters
+from lora_assets.training.inference import load_adapter
+
+MODE = MODES["search_suggest"]
+PROBE = torch.tensor([[1, 520, 33, 4097, 12, 88, 9000, 2]])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, synthetic_tables, tmp_path_factory):
+    """Three different adapters of one user (seeds 0-2) and the logits each gave when trained."""
+    out = tmp_path_factory.mktemp("trained")
+    dataset = build_examples(MODE, synthetic_tables["user-000"], "user-000")
+    jobs = [
+        replace(job_for(MODE, "user-000", dataset, out / f"seed{s}", steps=2, metadata={"dataset_version": "d1"}),
+                seed=s, learning_rate=1e-2)
+        for s in range(3)
+    ]
+    logits = {}
+
+    def capture(job, model):
+        with torch.no_grad():
+            logits[job.output_dir] = model(input_ids=PROBE).logits.clone()
+
+    train_adapters(jobs, tiny_base, progress=None, on_trained=capture)
+    return [(j.output_dir, logits[j.output_dir]) for j in jobs]
+
+
+def _publish(drive, folder, **kw):
+    return publish_adapter(drive, "user-000", "tiny-llama", MODE.name, folder, **kw)
+
+
+def test_publish_sync_and_load_on_device_gives_the_trained_logits(tiny_base, trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    drive = LocalDrive(tmp_path / "drive")
+    folder, logits = trained[0]
+    result = _publish(drive, folder)
+    assert result.flipped and result.previous is None
+    version_dir = tmp_path / "drive" / "user-000" / "adapters" / "tiny-llama" / MODE.name / result.version
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "lora_assets.json"}
+    assert manifest["base_model"] == "tiny-llama" and manifest["dataset_version"] == "d1"
+
+    report = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
+    assert report.ok and report.changed == [(MODE.name, None, result.version)]
+    device_copy = installed_adapter_dir(tmp_path / "device", "tiny-llama", MODE.name)
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base.ref.path), str(device_copy))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=PROBE).logits, logits, rtol=1e-5, atol=1e-5)
+    ours = load_adapter(tiny_base, device_copy)  # the safetensors-only loader the CLI uses
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=PROBE).logits, logits, rtol=1e-5, atol=1e-5)
+    finally:
+        tiny_base.model = ours.unload()
+
+    again = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
+    assert again.unchanged == [(MODE.name, result.version)] and not again.changed
+
+
+def test_a_crash_before_the_flip_leaves_the_previous_version_current_and_a_rerun_completes(trained, tmp_path):
+    drive = LocalDrive(tmp_path / "drive")
+    first = _publish(drive, trained[0][0])
+
+    def crash(version):
+        raise KeyboardInterrupt("power cut")
+
+    with pytest.raises(KeyboardInterrupt):
+        _publish(drive, trained[1][0], before_flip=crash)
+    assert read_current(drive, "user-000", "tiny-llama", MODE.name)[0]["version"] == first.version
+    report = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
+    assert report.ok and report.changed[0][2] == first.version
+
+    rerun = _publish(drive, trained[1][0])
+    assert rerun.flipped and rerun.previous == first.version
+    assert read_current(drive, "user-000", "tiny-llama", MODE.name)[0]["version"] == rerun.version
+    assert sync_device(drive, "user-000", tmp_path / "device", "tiny-llama").changed == [
+        (MODE.name, first.version, rerun.version)
+    ]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "remove"])
+def test_sync_detects_a_damaged_file_keeps_the_old_version_and_exits_non_zero(
+    trained, tmp_path, monkeypatch, capsys, damage
+):
+    from lora_assets.cli import main
+
+    home = tmp_path / "home"
+    drive = LocalDrive(home / "drive")
+    device = tmp_path / "device"
+    old = _publish(drive, trained[0][0])
+    assert sync_device(drive, "user-000", device, "tiny-llama").ok
+    new = _publish(drive, trained[1][0])
+    weights = home / "drive" / "user-000" / "adapters" / "tiny-llama" / MODE.name / new.version / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        weights.unlink()
+
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(home))
+    code = main(["sync", "--user", "user-000", "--device-dir", str(device), "--base-model", "tiny-llama"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"error: {MODE.name}: kept the installed version" in err and new.version in err
+    assert installed_version(device, "tiny-llama", MODE.name) == old.version
+    assert (installed_adapter_dir(device, "tiny-llama", MODE.name) / "adapter_model.safetensors").exists()
+
+
+def test_two_racing_publishes_end_with_exactly_one_consistent_current(trained, tmp_path):
+    drive = LocalDrive(tmp_path / "drive")
+    _publish(drive, trained[0][0])
+    both_uploaded = threading.Barrier(2)
+    results, errors = [], []
+
+    def publisher(folder):
+        try:
+            results.append(_publish(drive, folder, before_flip=lambda v: both_uploaded.wait(10)))
+        except Exception as exc:  # pragma: no cover - surfaced by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publisher, args=(trained[i][0],)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    pointer, _etag = read_current(drive, "user-000", "tiny-llama", MODE.name)
+    newest = max(results, key=lambda r: json.loads(
+        drive.get(f"user-000/adapters/tiny-llama/{MODE.name}/{r.version}/manifest.json"))["created_at"])
+    assert pointer["version"] == newest.version
+    report = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
+    assert report.ok and installed_version(tmp_path / "device", "tiny-llama", MODE.name) == newest.version
+
+
+def test_pointer_writes_are_compare_and_swap(tmp_path):
+    drive = LocalDrive(tmp_path)
+    drive.put_pointer("u/CURRENT", b"one", expected_etag=None)
+    _data, etag = drive.get_pointer("u/CURRENT")
+    with pytest.raises(PointerConflict):
+        drive.put_pointer("u/CURRENT", b"two", expected_etag=None)
+    drive.put_pointer("u/CURRENT", b"two", expected_etag=etag)
+    with pytest.raises(PointerConflict):
+        drive.put_pointer("u/CURRENT", b"three", expected_etag=etag)
+    assert drive.get_pointer("u/CURRENT")[0] == b"two"
+    with pytest.raises(ValueError, match="invalid drive key"):
+        drive.put("../escape", b"x")
+
+
+def test_retention_keeps_exactly_k_versions_and_never_the_current_one(trained, tmp_path):
+    drive = LocalDrive(tmp_path / "drive")
+    versions = [_publish(drive, folder, keep=2).version for folder, _ in trained]
+    complete = [v for v, _c, done in list_versions(drive, "user-000", "tiny-llama", MODE.name) if done]
+    assert complete == versions[1:]
+    assert read_current(drive, "user-000", "tiny-llama", MODE.name)[0]["version"] == versions[2]
+    assert apply_retention(drive, "user-000", "tiny-llama", MODE.name, keep=1) == [versions[1]]
+    assert [v for v, _c, _d in list_versions(drive, "user-000", "tiny-llama", MODE.name)] == [versions[2]]
+
+
+def test_gate_decision():
+    assert decide(3.0, 2.0, None, margin=0.1, tolerance=0.0)[0]
+    assert not decide(3.0, 2.95, None, margin=0.1, tolerance=0.0)[0]
+    assert not decide(3.0, 2.0, 1.9, margin=0.1, tolerance=0.05)[0]
+    assert decide(3.0, 2.0, 1.96, margin=0.1, tolerance=0.05)[0]
+    assert decide(None, None, None, 0.1, 0.0) == (False, "no held-out examples to evaluate on")
+
+
+def test_corrupt_version_error_names_the_file(trained, tmp_path):
+    from lora_assets.drive.publish import current_manifest, fetch_verified
+
+    drive = LocalDrive(tmp_path / "drive")
+    result = _publish(drive, trained[0][0])
+    prefix = f"user-000/adapters/tiny-llama/{MODE.name}"
+    (tmp_path / "drive" / prefix / result.version / "adapter_config.json").write_text("{}")
+    with pytest.raises(CorruptVersion, match="adapter_config.json: size"):
+        fetch_verified(drive, prefix, current_manifest(drive, "user-000", "tiny-llama", MODE.name))
+
+
+def test_device_loading_never_unpickles(tiny_base, trained, tmp_path, monkeypatch):
+    import pickle
+
+    drive = LocalDrive(tmp_path / "drive")
+    _publish(drive, trained[0][0])
+    assert sync_device(drive, "user-000", tmp_path / "device", "tiny-llama").ok
+    folder = installed_adapter_dir(tmp_path / "device", "tiny-llama", MODE.name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle-based loading was attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model = load_adapter(tiny_base, folder)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=PROBE).logits, trained[0][1], rtol=1e-5, atol=1e-5)
+    finally:
+        tiny_base.model = model.unload()
