@@ -71,7 +71,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s", "published"], rows
     )
     print(f"adapters under {resources.path / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
-    print(f"published to the users' drives under {resources.drive().root}; sync a device with:")
+    print(f"published to the users' drives ({resources.backend} backend); sync a device with:")
     print(f"  lora-assets sync --user {users[0]} --device-dir /tmp/device-{users[0]} --base-model {args.base_model}")
     print("see the runs and the asset graph: make ui  (then open http://127.0.0.1:3000)")
     return 0

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_verified
-from lora_assets.drive.store import Drive
+from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
 from lora_assets.training.core import TrainJob, TrainResult, evaluate_adapter
 
@@ -54,7 +54,7 @@ def evaluate_gate(
     base: LoadedBaseModel,
     job: TrainJob,
     result: TrainResult,
-    drive: Drive,
+    drive: ObjectStore,
     user: str,
     mode: str,
     margin: float,

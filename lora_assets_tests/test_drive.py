@@ -18,7 +18,7 @@ from lora_assets.drive.publish import (
     publish_adapter,
     read_current,
 )
-from lora_assets.drive.store import LocalDrive, PointerConflict
+from lora_assets.storage import LocalObjectStore, PreconditionFailed
 from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device
 from lora_assets.gate import decide
 from lora_assets.modes import MODES, build_examples
@@ -57,7 +57,7 @@ def test_publish_sync_and_load_on_device_gives_the_trained_logits(tiny_base, tra
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     folder, logits = trained[0]
     result = _publish(drive, folder)
     assert result.flipped and result.previous is None
@@ -85,7 +85,7 @@ def test_publish_sync_and_load_on_device_gives_the_trained_logits(tiny_base, tra
 
 
 def test_a_crash_before_the_flip_leaves_the_previous_version_current_and_a_rerun_completes(trained, tmp_path):
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     first = _publish(drive, trained[0][0])
 
     def crash(version):
@@ -112,7 +112,7 @@ def test_sync_detects_a_damaged_file_keeps_the_old_version_and_exits_non_zero(
     from lora_assets.cli import main
 
     home = tmp_path / "home"
-    drive = LocalDrive(home / "drive")
+    drive = LocalObjectStore(home / "drive")
     device = tmp_path / "device"
     old = _publish(drive, trained[0][0])
     assert sync_device(drive, "user-000", device, "tiny-llama").ok
@@ -136,7 +136,7 @@ def test_sync_detects_a_damaged_file_keeps_the_old_version_and_exits_non_zero(
 
 
 def test_two_racing_publishes_end_with_exactly_one_consistent_current(trained, tmp_path):
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     _publish(drive, trained[0][0])
     both_uploaded = threading.Barrier(2)
     results, errors = [], []
@@ -162,21 +162,21 @@ def test_two_racing_publishes_end_with_exactly_one_consistent_current(trained, t
 
 
 def test_pointer_writes_are_compare_and_swap(tmp_path):
-    drive = LocalDrive(tmp_path)
-    drive.put_pointer("u/CURRENT", b"one", expected_etag=None)
-    _data, etag = drive.get_pointer("u/CURRENT")
-    with pytest.raises(PointerConflict):
-        drive.put_pointer("u/CURRENT", b"two", expected_etag=None)
-    drive.put_pointer("u/CURRENT", b"two", expected_etag=etag)
-    with pytest.raises(PointerConflict):
-        drive.put_pointer("u/CURRENT", b"three", expected_etag=etag)
-    assert drive.get_pointer("u/CURRENT")[0] == b"two"
-    with pytest.raises(ValueError, match="invalid drive key"):
+    drive = LocalObjectStore(tmp_path)
+    drive.put_if("u/CURRENT", b"one", expected_etag=None)
+    _data, etag = drive.get_with_etag("u/CURRENT")
+    with pytest.raises(PreconditionFailed):
+        drive.put_if("u/CURRENT", b"two", expected_etag=None)
+    drive.put_if("u/CURRENT", b"two", expected_etag=etag)
+    with pytest.raises(PreconditionFailed):
+        drive.put_if("u/CURRENT", b"three", expected_etag=etag)
+    assert drive.get_with_etag("u/CURRENT")[0] == b"two"
+    with pytest.raises(ValueError, match="invalid object key"):
         drive.put("../escape", b"x")
 
 
 def test_retention_keeps_exactly_k_versions_and_never_the_current_one(trained, tmp_path):
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     versions = [_publish(drive, folder, keep=2).version for folder, _ in trained]
     complete = [v for v, _c, done in list_versions(drive, "user-000", "tiny-llama", MODE.name) if done]
     assert complete == versions[1:]
@@ -196,7 +196,7 @@ def test_gate_decision():
 def test_corrupt_version_error_names_the_file(trained, tmp_path):
     from lora_assets.drive.publish import current_manifest, fetch_verified
 
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     result = _publish(drive, trained[0][0])
     prefix = f"user-000/adapters/tiny-llama/{MODE.name}"
     (tmp_path / "drive" / prefix / result.version / "adapter_config.json").write_text("{}")
@@ -207,7 +207,7 @@ def test_corrupt_version_error_names_the_file(trained, tmp_path):
 def test_device_loading_never_unpickles(tiny_base, trained, tmp_path, monkeypatch):
     import pickle
 
-    drive = LocalDrive(tmp_path / "drive")
+    drive = LocalObjectStore(tmp_path / "drive")
     _publish(drive, trained[0][0])
     assert sync_device(drive, "user-000", tmp_path / "device", "tiny-llama").ok
     folder = installed_adapter_dir(tmp_path / "device", "tiny-llama", MODE.name)

@@ -41,6 +41,7 @@ class ChangeEvent:
     seq: int  # the user store log segment this batch became
     upserts: int = 0
     deletes: int = 0
+    sequencer: str = ""  # S3's per-key ordering token, when the event came from S3
 
     def to_json(self) -> str:
         return json.dumps(
@@ -63,6 +64,16 @@ class ChangeEvent:
         if not isinstance(event.user, str) or not isinstance(event.source, str):
             raise ValueError(f"undecodable change event {payload[:200]!r}: user/source must be strings")
         return event
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One unit a feed hands to the sensor: the events it carries, or why it could not be read."""
+
+    ref: str  # feed-specific handle (SQLite event id, SQS receipt handle)
+    payload: str
+    events: list[ChangeEvent]
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,28 @@ class ChangeFeed:
             yield conn
         finally:
             conn.close()
+
+    def announce(self, event: ChangeEvent) -> int:
+        """Tell consumers about a batch the user store took (the SQLite feed stores an event)."""
+        return self.append(event)
+
+    def consume(self, cursor: str | None, limit: int) -> tuple[list[Delivery], str]:
+        """Acknowledge up to the committed cursor, then read the next ``limit`` events.
+
+        The returned cursor is what the caller commits together with the runs it launches.
+        """
+        after = int(cursor or 0)
+        self.ack_through(after)
+        deliveries = []
+        for item in self.read_after(after, limit):
+            try:
+                deliveries.append(Delivery(str(item.id), item.payload, [ChangeEvent.from_json(item.payload)]))
+            except ValueError as exc:
+                deliveries.append(Delivery(str(item.id), item.payload, [], str(exc)))
+        return deliveries, deliveries[-1].ref if deliveries else str(after)
+
+    def set_aside(self, delivery: Delivery, error: str) -> None:
+        self.dead_letter(int(delivery.ref), error)
 
     def append(self, event: ChangeEvent | str) -> int:
         """Add an event (or a raw payload, as a foreign producer might send); returns its id."""

@@ -22,7 +22,7 @@ DELETE_FLAG = "_deleted"  # a JSONL line {"id": "...", "_deleted": true} deletes
 @dataclass(frozen=True)
 class IngestResult:
     write: WriteResult
-    event_id: int | None  # None when the batch was empty
+    event_id: int | None  # None when the batch was empty, or the feed is S3's own notifications
 
 
 def split_batch(
@@ -74,7 +74,7 @@ def ingest(
     write = store.write(user, source, table, deletes)
     if not write.upserts and not write.deletes:
         return IngestResult(write, None)
-    event_id = feed.append(ChangeEvent(user, source, write.seq, write.upserts, write.deletes))
+    event_id = feed.announce(ChangeEvent(user, source, write.seq, write.upserts, write.deletes))
     return IngestResult(write, event_id)
 
 

@@ -5,8 +5,8 @@ Layout (embedded default, under ``$LORA_ASSETS_HOME/users``)::
     <user>/<source>/snapshot-<seq>.parquet   compacted state up to and including <seq>
     <user>/<source>/log-<seq>.parquet        one segment per write: rows + _op (upsert|delete)
 
-A write never rewrites existing files: it appends one segment (written to a temp name, then
-renamed) so a crash leaves either the old state or the new one. ``compact`` folds segments into
+A write never rewrites existing objects: it adds one segment (an atomic object write) so a
+crash leaves either the old state or the new one. ``compact`` folds segments into
 a snapshot. The log's sequence numbers also let a dataset ask "what changed since seq N" and
 reduce over just that (see ``changes_since``).
 """
@@ -14,9 +14,7 @@ reduce over just that (see ``changes_since``).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lora_assets.data.schemas import SOURCES, InvalidRecord, schema_for
+from lora_assets.storage import LocalObjectStore, ObjectStore, PreconditionFailed
 
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 _SEG_RE = re.compile(r"^(log|snapshot)-(\d{12})\.parquet$")
@@ -60,31 +59,33 @@ class WriteResult:
 
 
 class UserStore:
-    """Per-user, per-source records with stable ids; upserts and deletes as an append log."""
+    """Per-user, per-source records with stable ids; upserts and deletes as an append log.
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    Built on an ``ObjectStore``: a folder on the embedded default, an S3 prefix at scale. A
+    segment is created with a conditional write (create-if-absent), so two writers can never
+    both take the same sequence number.
+    """
 
-    def _dir(self, user: str, source: str) -> Path:
+    def __init__(self, root: Path | ObjectStore) -> None:
+        self.objects: ObjectStore = LocalObjectStore(root) if isinstance(root, (str, Path)) else root
+
+    def _prefix(self, user: str, source: str) -> str:
         validate_user_id(user)
         schema_for(source)
-        return self.root / user / source
+        return f"{user}/{source}"
 
-    def users(self) -> list[str]:
-        if not self.root.exists():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _USER_RE.match(p.name))
-
-    def _segments(self, user: str, source: str) -> list[tuple[int, str, Path]]:
-        d = self._dir(user, source)
-        if not d.exists():
-            return []
+    def _segments(self, user: str, source: str) -> list[tuple[int, str, str]]:
+        """(seq, kind, key) of every segment, in log order (snapshot before log at equal seq)."""
+        prefix = self._prefix(user, source)
         segs = []
-        for p in d.iterdir():
-            m = _SEG_RE.match(p.name)
+        for key in self.objects.list(prefix):
+            m = _SEG_RE.match(key[len(prefix) + 1 :])
             if m:
-                segs.append((int(m.group(2)), m.group(1), p))
+                segs.append((int(m.group(2)), m.group(1), key))
         return sorted(segs, key=lambda s: (s[0], s[1] == "log"))
+
+    def _read(self, key: str) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.objects.get(key)))
 
     def head(self, user: str, source: str) -> int:
         """Sequence number of the latest write (0 when there is none)."""
@@ -100,7 +101,7 @@ class UserStore:
     ) -> WriteResult:
         """Append one segment holding these upserts and deletes (deletes apply after upserts)."""
         schema = schema_for(source)
-        d = self._dir(user, source)
+        prefix = self._prefix(user, source)
         upserts = upserts if upserts is not None else schema.empty_table()
         if upserts.schema != schema:
             try:
@@ -119,20 +120,16 @@ class UserStore:
         segment = pa.concat_tables([upserts, deleted]).append_column(
             "_op", pa.array([OP_UPSERT] * upserts.num_rows + [OP_DELETE] * len(delete_ids))
         )
-        d.mkdir(parents=True, exist_ok=True)
+        sink = pa.BufferOutputStream()
+        pq.write_table(segment, sink)
+        data = sink.getvalue().to_pybytes()
         seq = self.head(user, source) + 1
         while True:
-            fd, tmp = tempfile.mkstemp(prefix=".seg-", dir=d)
-            os.close(fd)
-            pq.write_table(segment, tmp)
-            target = d / f"log-{seq:012d}.parquet"
             try:
-                os.link(tmp, target)  # fails if a concurrent writer took this seq; retry with next
-                os.unlink(tmp)
+                self.objects.put_if(f"{prefix}/log-{seq:012d}.parquet", data, expected_etag=None)
                 break
-            except FileExistsError:
-                os.unlink(tmp)
-                seq += 1
+            except PreconditionFailed:
+                seq += 1  # a concurrent writer took this sequence number
         return WriteResult(user, source, seq, upserts.num_rows, len(delete_ids))
 
     def check_segment(self, user: str, source: str, seq: int) -> None:
@@ -140,13 +137,13 @@ class UserStore:
         segs = self._segments(user, source)
         if any(kind == "snapshot" and n >= seq for n, kind, _ in segs):
             return
-        match = [p for n, kind, p in segs if kind == "log" and n == seq]
+        match = [key for n, kind, key in segs if kind == "log" and n == seq]
         if not match:
             raise FileNotFoundError(f"user {user!r}: {source} segment {seq} does not exist")
         try:
-            pq.read_metadata(match[0])
+            pq.read_metadata(pa.BufferReader(self.objects.get(match[0])))
         except Exception as exc:  # pyarrow raises several types for a corrupt footer
-            raise OSError(f"user {user!r}: {source} segment {match[0].name} is unreadable: {exc}") from None
+            raise OSError(f"user {user!r}: {source} segment {match[0]} is unreadable: {exc}") from None
 
     def changes_since(self, user: str, source: str, seq: int) -> tuple[pa.Table, int]:
         """Log rows written after ``seq`` (with ``_op``), last write per id wins, and the new head.
@@ -158,11 +155,11 @@ class UserStore:
         snaps = [s for s in segs if s[1] == "snapshot"]
         if snaps and snaps[-1][0] > seq:
             raise LookupError(f"changes before seq {snaps[-1][0]} were compacted")
-        logs = [p for n, kind, p in segs if kind == "log" and n > seq]
+        logs = [key for n, kind, key in segs if kind == "log" and n > seq]
         head = segs[-1][0] if segs else seq
         if not logs:
             return _with_op(schema_for(source)).empty_table(), head
-        return _last_per_id(pa.concat_tables([pq.read_table(p) for p in logs])), head
+        return _last_per_id(pa.concat_tables([self._read(k) for k in logs])), head
 
     def read(self, user: str, source: str) -> pa.Table:
         """Current records (upserts applied, deletes removed), sorted by id."""
@@ -177,7 +174,7 @@ class UserStore:
         for i, (_, kind, _) in enumerate(segs):
             if kind == "snapshot":
                 start = i
-        parts = [pq.read_table(p) for _, _, p in segs[start:]]
+        parts = [self._read(key) for _, _, key in segs[start:]]
         parts = [
             t if "_op" in t.column_names else t.append_column("_op", pa.array([OP_UPSERT] * t.num_rows))
             for t in parts
@@ -189,20 +186,18 @@ class UserStore:
         return current.cast(schema).sort_by("id"), head
 
     def compact(self, user: str, source: str) -> None:
-        """Fold the log into one snapshot; earlier segments are removed after the rename."""
+        """Fold the log into one snapshot; the segments it covers are removed after it is written."""
         segs = self._segments(user, source)
         if len(segs) <= 1 and (not segs or segs[0][1] == "snapshot"):
             return
         head = segs[-1][0]
-        d = self._dir(user, source)
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=d)
-        os.close(fd)
-        pq.write_table(self.read(user, source), tmp)
-        os.replace(tmp, d / f"snapshot-{head:012d}.parquet")
-        for n, kind, p in segs:
+        sink = pa.BufferOutputStream()
+        pq.write_table(self.read(user, source), sink)
+        self.objects.put(f"{self._prefix(user, source)}/snapshot-{head:012d}.parquet", sink.getvalue().to_pybytes())
+        for n, kind, key in segs:
             # Only what the snapshot covers; a segment a concurrent writer added stays.
             if n < head or (n == head and kind == "log"):
-                p.unlink(missing_ok=True)
+                self.objects.delete(key)
 
     def fingerprint(self, user: str, source: str) -> str:
         """Content hash of the current records: the data version of this user's source."""

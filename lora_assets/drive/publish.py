@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_assets.data.user_store import validate_user_id
-from lora_assets.drive.store import Drive, PointerConflict
+from lora_assets.storage import ObjectStore, PreconditionFailed
 from lora_assets.training.base_models import validate_base_model_key
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json")
@@ -59,22 +59,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_current(drive: Drive, user: str, base_model: str, mode: str) -> tuple[dict[str, Any], str] | None:
+def read_current(drive: ObjectStore, user: str, base_model: str, mode: str) -> tuple[dict[str, Any], str] | None:
     """The CURRENT pointer's content and etag, or None when nothing is published."""
-    found = drive.get_pointer(f"{adapter_prefix(user, base_model, mode)}/{CURRENT}")
+    found = drive.get_with_etag(f"{adapter_prefix(user, base_model, mode)}/{CURRENT}")
     return (json.loads(found[0]), found[1]) if found else None
 
 
-def read_manifest(drive: Drive, user: str, base_model: str, mode: str, version: str) -> dict[str, Any]:
+def read_manifest(drive: ObjectStore, user: str, base_model: str, mode: str, version: str) -> dict[str, Any]:
     return json.loads(drive.get(f"{adapter_prefix(user, base_model, mode)}/{version}/{MANIFEST}"))
 
 
-def current_manifest(drive: Drive, user: str, base_model: str, mode: str) -> dict[str, Any] | None:
+def current_manifest(drive: ObjectStore, user: str, base_model: str, mode: str) -> dict[str, Any] | None:
     found = read_current(drive, user, base_model, mode)
     return read_manifest(drive, user, base_model, mode, found[0]["version"]) if found else None
 
 
-def fetch_verified(drive: Drive, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
+def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
     """Every file of a version, each checked against the manifest's size and sha256."""
     out = {}
     for name, meta in manifest["files"].items():
@@ -92,7 +92,7 @@ def fetch_verified(drive: Drive, prefix: str, manifest: dict[str, Any]) -> dict[
 
 
 def publish_adapter(
-    drive: Drive,
+    drive: ObjectStore,
     user: str,
     base_model: str,
     mode: str,
@@ -138,7 +138,7 @@ def publish_adapter(
     return PublishResult(version, flipped, previous, tuple(deleted))
 
 
-def _flip_current(drive: Drive, prefix: str, manifest: dict[str, Any]) -> tuple[bool, str | None]:
+def _flip_current(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) -> tuple[bool, str | None]:
     key = f"{prefix}/{CURRENT}"
     pointer = {
         "version": manifest["version"],
@@ -147,21 +147,21 @@ def _flip_current(drive: Drive, prefix: str, manifest: dict[str, Any]) -> tuple[
         "protocol": PROTOCOL,
     }
     for _attempt in range(20):
-        found = drive.get_pointer(key)
+        found = drive.get_with_etag(key)
         current = json.loads(found[0]) if found else None
         if current and current["version"] == manifest["version"]:
             return False, current["version"]
         if current and current["created_at"] > manifest["created_at"]:
             return False, current["version"]  # a newer version won the race; keep it
         try:
-            drive.put_pointer(key, json.dumps(pointer, sort_keys=True).encode(), found[1] if found else None)
-        except PointerConflict:
+            drive.put_if(key, json.dumps(pointer, sort_keys=True).encode(), found[1] if found else None)
+        except PreconditionFailed:
             continue  # someone flipped in between: re-read and decide again
         return True, current["version"] if current else None
-    raise PointerConflict(f"{key}: gave up after 20 conflicting writers")
+    raise PreconditionFailed(f"{key}: gave up after 20 conflicting writers")
 
 
-def list_versions(drive: Drive, user: str, base_model: str, mode: str) -> list[tuple[str, str, bool]]:
+def list_versions(drive: ObjectStore, user: str, base_model: str, mode: str) -> list[tuple[str, str, bool]]:
     """(version, created_at, complete) for every version folder, oldest first."""
     prefix = adapter_prefix(user, base_model, mode)
     versions: dict[str, bool] = {}
@@ -176,7 +176,7 @@ def list_versions(drive: Drive, user: str, base_model: str, mode: str) -> list[t
     return sorted(out, key=lambda v: v[1])
 
 
-def apply_retention(drive: Drive, user: str, base_model: str, mode: str, keep: int) -> list[str]:
+def apply_retention(drive: ObjectStore, user: str, base_model: str, mode: str, keep: int) -> list[str]:
     """Delete complete versions beyond the newest ``keep``; never the current one.
 
     The manifest goes first, so a half-deleted version reads as unfinished, not as corrupt.

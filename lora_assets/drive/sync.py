@@ -29,7 +29,7 @@ from lora_assets.drive.publish import (
     fetch_verified,
     read_current,
 )
-from lora_assets.drive.store import Drive
+from lora_assets.storage import ObjectStore
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SyncReport:
         return not self.failed
 
 
-def published_modes(drive: Drive, user: str, base_model: str) -> list[str]:
+def published_modes(drive: ObjectStore, user: str, base_model: str) -> list[str]:
     """Modes that have a CURRENT pointer in the user's drive for this base model."""
     prefix = f"{user}/adapters/{base_model}/"
     modes = set()
@@ -76,7 +76,7 @@ def verify_installed(folder: Path) -> None:
             raise CorruptVersion(f"{folder / name}: does not match its manifest")
 
 
-def sync_device(drive: Drive, user: str, device_dir: Path, base_model: str) -> SyncReport:
+def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str) -> SyncReport:
     report = SyncReport()
     device_dir = Path(device_dir)
     for mode in published_modes(drive, user, base_model):
@@ -87,7 +87,7 @@ def sync_device(drive: Drive, user: str, device_dir: Path, base_model: str) -> S
     return report
 
 
-def _sync_mode(drive: Drive, user: str, device_dir: Path, base_model: str, mode: str, report: SyncReport) -> None:
+def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str, mode: str, report: SyncReport) -> None:
     prefix = adapter_prefix(user, base_model, mode)
     found = read_current(drive, user, base_model, mode)
     if found is None:

@@ -7,6 +7,7 @@ would do the adapter half too, but its tick evaluates every partition (~0.5 ms p
 a minute per tick at 100k users), so the project uses these two event-driven sensors instead.
 """
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -25,7 +26,6 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
-from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.schemas import SOURCES, InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import MODES, Mode
@@ -74,29 +74,33 @@ def active_base_models(instance: DagsterInstance) -> list[str]:
 )
 def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHome) -> SensorResult:
     feed = lora_home.feed()
-    cursor = int(context.cursor or 0)
-    # The cursor was committed together with the previous tick's run requests, so everything up
-    # to it has its runs recorded: now it is safe to forget those events.
-    feed.ack_through(cursor)
-    items = feed.read_after(cursor, FEED_BATCH)
-    if not items:
-        return SensorResult(skip_reason=SkipReason("no new change events"))
+    # Events up to the committed cursor had their runs recorded with it: the feed forgets them
+    # now. What this tick reads is acknowledged by the next tick, after this one is committed.
+    deliveries, cursor = feed.consume(context.cursor, FEED_BATCH)
+    if not deliveries:
+        return SensorResult(skip_reason=SkipReason("no new change events"), cursor=cursor)
 
     store = lora_home.store()
     changed: dict[str, set[str]] = defaultdict(set)
-    for item in items:
+    for delivery in deliveries:
         try:
-            event = ChangeEvent.from_json(item.payload)
-            validate_user_id(event.user)
-            schema_for(event.source)
-            store.check_segment(event.user, event.source, event.seq)
+            if delivery.error:
+                raise ValueError(delivery.error)
+            for event in delivery.events:
+                validate_user_id(event.user)
+                schema_for(event.source)
+                if event.seq:
+                    store.check_segment(event.user, event.source, event.seq)
         except (ValueError, OSError, InvalidRecord) as exc:
-            feed.dead_letter(item.id, str(exc))
-            context.log.error(f"change event {item.id} set aside (dead letter): {exc}")
+            feed.set_aside(delivery, str(exc))
+            context.log.error(f"change event {delivery.ref[:40]} set aside (dead letter): {exc}")
             continue
-        changed[event.user].add(event.source)
+        for event in delivery.events:
+            changed[event.user].add(event.source)
+    if not changed:
+        return SensorResult(skip_reason=SkipReason("only test or poison events"), cursor=cursor)
 
-    last_id = items[-1].id
+    run_id_suffix = hashlib.sha256(cursor.encode()).hexdigest()[:16]
     known = context.instance.get_existing_dynamic_partitions(users_partitions.name, sorted(changed))
     new_users = sorted(set(changed) - set(known))  # one bounded query, however many users exist
     run_requests = []
@@ -105,7 +109,7 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
         keys = [source_key(s) for s in sorted(sources)] + [dataset_key(m.name) for m in modes_reading(sources)]
         run_requests.append(
             RunRequest(
-                run_key=f"changes:{user}:{last_id}",
+                run_key=f"changes:{user}:{run_id_suffix}",
                 partition_key=user,
                 asset_selection=keys,
                 tags={"lora_assets/trigger": "change_feed", "lora_assets/sources": ",".join(sorted(sources))},
@@ -114,7 +118,7 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[users_partitions.build_add_request(new_users)] if new_users else [],
-        cursor=str(last_id),
+        cursor=cursor,
     )
 
 
@@ -174,6 +178,10 @@ def adapter_retrain_sensor(context: SensorEvaluationContext) -> SensorResult:
             if not run_finished[record.run_id]:
                 break
             version = record.asset_materialization.tags.get(DATA_VERSION_TAG)
+            train_rows = record.asset_materialization.metadata.get("train_rows")
+            if train_rows is not None and train_rows.value == 0:
+                cursor[mode] = record.storage_id  # nothing to learn from yet: no adapter
+                continue
             if record.partition_key and version:
                 latest[(record.partition_key, mode)] = (version, record.storage_id)
             cursor[mode] = record.storage_id

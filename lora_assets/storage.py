@@ -1,0 +1,178 @@
+"""Object storage: the two primitives the user store and the drive are built on.
+
+- ``put`` / ``get`` / ``list`` / ``delete`` of immutable objects, and
+- ``put_if`` - a conditional write: create only if absent (``expected_etag=None``) or replace
+  only if unchanged since read. On S3 that is ``If-None-Match: *`` / ``If-Match: <etag>``; on a
+  local folder a per-key lock, a compare and ``os.replace``.
+
+``LocalObjectStore`` is the embedded default; ``S3ObjectStore`` takes a boto3 client (from
+dagster-aws's ``S3Resource``) and works against AWS S3 or any S3-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9@._-]+(/[A-Za-z0-9@._-]+)*$")
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the object exists, or changed since it was read."""
+
+
+def validate_key(key: str) -> str:
+    if not _KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None: ...
+    def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None: ...
+
+
+class LocalObjectStore:
+    """Objects as files under a root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write atomically (temp file, fsync, rename)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"object {key!r} not found") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys of every object under the folder ``prefix``, sorted."""
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # drop folders the delete emptied, up to the root
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.md5(data).hexdigest()  # S3's ETag for a single-part upload
+
+    def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.get_with_etag(key)
+            current_etag = current[1] if current else None
+            if current_etag != expected_etag:
+                raise PreconditionFailed(f"{key}: expected {expected_etag}, found {current_etag}")
+            self.put(key, data)
+
+
+class S3ObjectStore:
+    """Objects under ``s3://bucket/prefix/``, with S3 conditional writes for ``put_if``."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+        self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _unkey(self, key: str) -> str:
+        return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        found = self.get_with_etag(key)
+        if found is None:
+            raise FileNotFoundError(f"object s3://{self.bucket}/{self._key(key)} not found")
+        return found[0]
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix.rstrip("/")) + "/"
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(self._unkey(o["Key"]) for o in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return obj["Body"].read(), obj["ETag"].strip('"')
+
+    def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": f'"{expected_etag}"'}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as exc:
+            # 412: the condition failed; 409: a concurrent conditional write is in flight.
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise PreconditionFailed(f"s3://{self.bucket}/{self._key(key)}: {exc}") from None
+            raise
