@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -23,6 +20,7 @@ import pyarrow.parquet as pq
 
 from lora_assets.data.user_store import OP_DELETE, UserStore, validate_user_id
 from lora_assets.modes import DATASET_COLUMNS, Mode, build_examples, context_for, examples_for_records
+from lora_assets.storage import ObjectStore
 
 _STATE_KEY = b"lora_assets.dataset_state"
 DATASET_SCHEMA = pa.schema([(c, pa.string()) for c in DATASET_COLUMNS])
@@ -43,8 +41,9 @@ class BuildReport:
     rows: int
 
 
-def dataset_path(home: Path, user: str, mode: str) -> Path:
-    return Path(home) / "datasets" / validate_user_id(user) / f"{mode}.parquet"
+def dataset_object_key(user: str, mode: str) -> str:
+    """Where a user's dataset of a mode lives in the datasets object store."""
+    return f"{validate_user_id(user)}/{mode}.parquet"
 
 
 def content_hash(df: pd.DataFrame) -> str:
@@ -102,23 +101,23 @@ def _context_fingerprints(store: UserStore, mode: Mode, user: str) -> dict[str, 
     return {s: store.fingerprint(user, s) for s in mode.context}
 
 
-def write_dataset(path: Path, df: pd.DataFrame, state: DatasetState) -> None:
-    """Write atomically, with the build state in the Parquet schema metadata."""
+def write_dataset(objects: ObjectStore, user: str, mode: str, df: pd.DataFrame, state: DatasetState) -> str:
+    """Write atomically (one object), with the build state in the Parquet schema metadata."""
     table = pa.Table.from_pandas(df[list(DATASET_COLUMNS)], schema=DATASET_SCHEMA, preserve_index=False)
     meta = {_STATE_KEY: json.dumps({"primary_seq": state.primary_seq, "context": state.context_fingerprints}).encode()}
-    table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), sink)
+    key = dataset_object_key(user, mode)
+    objects.put(key, sink.getvalue().to_pybytes())
+    return key
 
 
-def read_dataset(path: Path) -> tuple[pd.DataFrame, DatasetState] | None:
+def read_dataset(objects: ObjectStore, user: str, mode: str) -> tuple[pd.DataFrame, DatasetState] | None:
     """A written dataset and its build state, or None when there is none yet."""
-    if not path.exists():
+    key = dataset_object_key(user, mode)
+    if not objects.exists(key):
         return None
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(objects.get(key)))
     raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
     df = table.replace_schema_metadata(None).to_pandas()
     return df, DatasetState(raw["primary_seq"], raw["context"])

@@ -40,6 +40,7 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def get_with_etag(self, key: str) -> tuple[bytes, str] | None: ...
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None: ...
+    def uri(self, key: str) -> str: ...
 
 
 class LocalObjectStore:
@@ -92,6 +93,9 @@ class LocalObjectStore:
                 break
             parent.rmdir()
 
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
     def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:
             data = self._path(key).read_bytes()
@@ -123,6 +127,9 @@ class S3ObjectStore:
 
     def _unkey(self, key: str) -> str:
         return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

@@ -22,7 +22,7 @@ from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.data.ingest import ingest
-from lora_assets.datasets import dataset_path, read_dataset
+from lora_assets.datasets import read_dataset
 from lora_assets.drive.sync import sync_device
 from lora_assets.modes import MODES
 from lora_assets.orchestration.resources import LoraAssetsHome
@@ -188,7 +188,7 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
     daemon.ingest("user-000", "mail", [{"id": "mail-new-1", "_deleted": True}])
     runs = daemon.new_runs(before)
     assert adapter_runs(runs) == {"tiny-llama|user-000": {"mail_reply/adapter"}}
-    df, _ = read_dataset(dataset_path(daemon.data, "user-000", "mail_reply"))
+    df, _ = read_dataset(daemon.resources.datasets(), "user-000", "mail_reply")
     assert "mail-new-1" not in set(df["example_id"])
     from lora_assets.datasets import content_hash
 

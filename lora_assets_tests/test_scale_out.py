@@ -183,6 +183,9 @@ def test_change_driven_scenario_on_s3_sqs_and_postgres(aws, postgres_url, tiny_b
         report = sync_device(res.drive(), "user-000", device, "tiny-llama")
         assert report.ok and sorted(m for m, _o, _n in report.changed) == ["mail_reply", "search_suggest"]
         assert res.drive().list("user-000/adapters/tiny-llama/mail_reply")  # really on S3
+        assert res.datasets().list("user-000") == ["user-000/mail_reply.parquet", "user-000/message_reply.parquet",
+                                                   "user-000/photo_caption.parquet", "user-000/search_suggest.parquet"]
+        assert not (data / "datasets").exists()
 
         # A mail change for user-000 retrains and republishes exactly that adapter.
         ingest(res.store(), res.feed(), "user-000", "mail", [_mail("mail-new", "Totally up for lunch!!")])

@@ -11,12 +11,13 @@ from lora_assets.data.user_store import InvalidUserId, UserStore, write_user
 from lora_assets.datasets import (
     build_dataset,
     content_hash,
-    dataset_path,
+    dataset_object_key,
     full_build,
     read_dataset,
     write_dataset,
 )
 from lora_assets.modes import MODES
+from lora_assets.storage import LocalObjectStore
 
 MAIL = MODES["mail_reply"]
 
@@ -66,7 +67,7 @@ def test_invalid_user_ids_are_rejected_before_touching_disk(tmp_path, bad):
     with pytest.raises(InvalidUserId, match="invalid user id"):
         store.write(bad, "mail", _mail([_row("m1")]))
     with pytest.raises(InvalidUserId):
-        dataset_path(tmp_path, bad, "mail_reply")
+        dataset_object_key(bad, "mail_reply")
     assert not (tmp_path / "users").exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -74,10 +75,10 @@ def test_invalid_user_ids_are_rejected_before_touching_disk(tmp_path, bad):
 def test_incremental_dataset_equals_full_rebuild_after_upserts_and_deletes(tmp_path, synthetic_tables):
     store = UserStore(tmp_path / "users")
     write_user(store, "user-000", synthetic_tables["user-000"])
-    path = dataset_path(tmp_path, "user-000", "mail_reply")
+    datasets = LocalObjectStore(tmp_path / "datasets")
     df, state, report = build_dataset(store, MAIL, "user-000", None)
     assert report.how == "full"
-    write_dataset(path, df, state)
+    write_dataset(datasets, "user-000", "mail_reply", df, state)
     mail = synthetic_tables["user-000"]["mail"].to_pylist()
     answered = [m for m in mail if m["reply"]]
     deleted, edited = answered[0]["id"], answered[1]["id"]
@@ -86,7 +87,7 @@ def test_incremental_dataset_equals_full_rebuild_after_upserts_and_deletes(tmp_p
     store.write("user-000", "mail", deletes=[deleted])
     store.write("user-000", "mail", _mail([{**answered[2], "reply": None}]))  # no reply: no example
 
-    incremental, inc_state, report = build_dataset(store, MAIL, "user-000", read_dataset(path))
+    incremental, inc_state, report = build_dataset(store, MAIL, "user-000", read_dataset(datasets, "user-000", "mail_reply"))
     assert report.how == "incremental" and report.changed_records == 4
     full, full_state = full_build(store, MAIL, "user-000")
     pd.testing.assert_frame_equal(incremental, full, check_dtype=False)

@@ -34,7 +34,7 @@ from dagster import (
 from lora_assets.adapters import adapter_dir, job_for
 from lora_assets.data.schemas import SOURCES
 from lora_assets.data.user_store import table_fingerprint
-from lora_assets.datasets import build_dataset, content_hash, dataset_path, read_dataset, write_dataset
+from lora_assets.datasets import build_dataset, content_hash, read_dataset, write_dataset
 from lora_assets.drive.publish import adapter_prefix, publish_adapter
 from lora_assets.gate import evaluate_gate, read_gate
 from lora_assets.modes import MODES, Mode
@@ -104,9 +104,10 @@ def build_dataset_asset(mode: Mode) -> AssetsDefinition:
     )
     def _dataset(context: AssetExecutionContext, lora_home: LoraAssetsHome) -> MaterializeResult:
         user = context.partition_key
-        path = dataset_path(lora_home.path, user, mode.name)
-        df, state, report = build_dataset(lora_home.store(), mode, user, read_dataset(path))
-        write_dataset(path, df, state)
+        datasets = lora_home.datasets()
+        previous = read_dataset(datasets, user, mode.name)
+        df, state, report = build_dataset(lora_home.store(), mode, user, previous)
+        key = write_dataset(datasets, user, mode.name, df, state)
         version = content_hash(df)
         context.log.info(f"{mode.name}/{user}: {report.how} build, {report.changed_records} records reduced")
         chars = int(df["prompt"].str.len().sum() + df["response"].str.len().sum()) if len(df) else 0
@@ -120,7 +121,7 @@ def build_dataset_asset(mode: Mode) -> AssetsDefinition:
                 "build": report.how,
                 "changed_records": report.changed_records,
                 "content_hash": version,
-                "path": MetadataValue.path(str(path)),
+                "location": MetadataValue.path(datasets.uri(key)),
                 "preview": _preview(df),
             },
         )
@@ -223,7 +224,7 @@ def train_mode_adapters(
     home = lora_home.path
     jobs = []
     for _key, user in items:
-        found = read_dataset(dataset_path(home, user, mode.name))
+        found = read_dataset(lora_home.datasets(), user, mode.name)
         if found is None:
             raise FileNotFoundError(
                 f"no {mode.name} dataset for user {user!r}: materialize {mode.name}/dataset first"

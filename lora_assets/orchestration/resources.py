@@ -66,6 +66,12 @@ class LoraAssetsHome(ConfigurableResource):
             return S3ObjectStore(self._s3(), self.s3_bucket, "drive")
         return LocalObjectStore(Path(self.drive_root).expanduser() if self.drive_root else self.path / "drive")
 
+    def datasets(self) -> ObjectStore:
+        """Per-mode datasets: ``<home>/datasets/`` locally, ``s3://bucket/datasets/`` on S3."""
+        if self.backend == "s3":
+            return S3ObjectStore(self._s3(), self.s3_bucket, "datasets")
+        return LocalObjectStore(self.path / "datasets")
+
     def store(self) -> UserStore:
         """The user store: ``<home>/users/`` locally, ``s3://bucket/users/`` on S3."""
         if self.backend == "s3":
