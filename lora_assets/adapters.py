@@ -38,6 +38,21 @@ def job_for(
     metadata: dict[str, Any] | None = None,
 ) -> TrainJob:
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table."""
+    if mode.objective == "dpo":
+        from lora_assets.training.dpo import PreferencePair
+
+        def pairs(split: str) -> list[PreferencePair]:
+            rows = dataset[dataset["split"] == split]
+            return [PreferencePair(r.prompt, r.response, r.rejected, r.system, r.example_id)
+                    for r in rows.itertuples(index=False)]
+
+        return TrainJob(
+            name=f"{user}/{mode.name}", train=[], output_dir=Path(output_dir), lora=mode.lora,
+            max_steps=steps if steps is not None else mode.train_steps, seed=0,
+            warm_start_from=warm_start_from, objective="dpo", pairs=pairs("train"),
+            eval_pairs=pairs("eval"), beta=mode.beta,
+            metadata={"user": user, "mode": mode.name, **(metadata or {})},
+        )
     return TrainJob(
         name=f"{user}/{mode.name}",
         train=examples_from(dataset, "train"),

@@ -67,7 +67,8 @@ def build_dataset(
     store: UserStore, mode: Mode, user: str, previous: tuple[pd.DataFrame, DatasetState] | None
 ) -> tuple[pd.DataFrame, DatasetState, BuildReport]:
     """Bring ``previous`` up to date by reducing over the changes since it, or rebuild."""
-    if previous is not None:
+    # Pairs span records (an accepted and a rejected suggestion), so DPO datasets rebuild in full.
+    if previous is not None and mode.objective == "sft" and list(previous[0].columns) == list(DATASET_COLUMNS):
         old_df, old_state = previous
         ctx_fps = _context_fingerprints(store, mode, user)
         if ctx_fps == old_state.context_fingerprints:

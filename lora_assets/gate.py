@@ -1,7 +1,8 @@
 """The evaluation gate: publish an adapter only if it is better than the base model, and not
 worse than what the user's devices already run. No dagster here; the asset check reports it.
 
-Both comparisons use the *new* held-out set: the published adapter is evaluated on it too, so a
+The loss is the held-out response loss for SFT modes and the held-out DPO loss for DPO modes
+(the base scores ln 2 there). Both comparisons use the *new* held-out set: the published adapter is evaluated on it too, so a
 regression is measured on the same data, not on numbers from different eval sets.
 """
 
@@ -16,6 +17,7 @@ from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_ve
 from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
 from lora_assets.training.core import TrainJob, TrainResult, evaluate_adapter
+from lora_assets.training.dpo import evaluate_dpo_adapter
 
 GATE_FILE = "gate.json"
 
@@ -63,12 +65,16 @@ def evaluate_gate(
     """Compare the fresh adapter with the base and with the published CURRENT version."""
     published = current_manifest(drive, user, base.ref.key, mode)
     published_loss = None
-    if published is not None and job.eval:
+    if published is not None and (job.eval or job.eval_pairs):
         files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
-            published_loss = evaluate_adapter(base, Path(tmp), job.eval, job.max_length)
+            if job.objective == "dpo":  # the same measure training reported: held-out DPO loss
+                metrics = evaluate_dpo_adapter(base, Path(tmp), job.eval_pairs, job.beta, job.max_length)
+                published_loss = metrics.loss if metrics else None
+            else:
+                published_loss = evaluate_adapter(base, Path(tmp), job.eval, job.max_length)
     passed, reason = decide(result.base_eval_loss, result.adapter_eval_loss, published_loss, margin, tolerance)
     gate = GateResult(
         passed=passed,

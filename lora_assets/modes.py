@@ -51,7 +51,18 @@ class ExampleDraft:
     response: str
 
 
+@dataclass(frozen=True)
+class PairDraft:
+    """A preference between two answers to one prompt, for DPO modes."""
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
 Builder = Callable[[Record, Context], ExampleDraft | None]
+PairBuilder = Callable[[list[Record], Context], list[PairDraft]]
 
 
 @dataclass(frozen=True)
@@ -61,10 +72,12 @@ class Mode:
     name: str
     description: str
     primary: str  # each record of this source becomes (at most) one example
-    build: Builder
+    build: Builder | None  # SFT: one example per primary record
     system: str  # the instruction shown to the model as the system turn
     context: tuple[str, ...] = ()  # sources consulted while building every example
-    objective: str = "sft"
+    objective: str = "sft"  # "sft", or "dpo" with build_pairs over all primary records
+    build_pairs: PairBuilder | None = None
+    beta: float = 0.1  # DPO temperature
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
     train_steps: int = 30
@@ -142,6 +155,32 @@ def _photo_caption(rec: Record, ctx: Context) -> ExampleDraft | None:
     return ExampleDraft(prompt="\n".join(lines), response=rec["caption"])
 
 
+def _tone_rewrite_pairs(records: list[Record], ctx: Context) -> list[PairDraft]:
+    """An edit beats the suggestion it edited; an accepted suggestion beats a rejected one for
+    the same prompt (each rejected one paired with an accepted one, in id order)."""
+    by_prompt: dict[str, dict[str, list[Record]]] = {}
+    for rec in sorted(records, key=lambda r: r["id"]):
+        if rec.get("mode") not in (None, "tone_rewrite"):
+            continue
+        _require(rec, "prompt", "suggestion", "outcome")
+        if rec["outcome"] not in ("accepted", "rejected", "edited"):
+            raise InvalidRecord(f"record {rec['id']!r}: unknown outcome {rec['outcome']!r}")
+        if rec["outcome"] == "edited":
+            _require(rec, "edit")
+        by_prompt.setdefault(rec["prompt"], {}).setdefault(rec["outcome"], []).append(rec)
+    pairs = []
+    for prompt, groups in sorted(by_prompt.items()):
+        for rec in groups.get("edited", []):
+            if rec["edit"].strip() != rec["suggestion"].strip():
+                pairs.append(PairDraft(f"{rec['id']}:edit", prompt, rec["edit"], rec["suggestion"]))
+        accepted, rejected = groups.get("accepted", []), groups.get("rejected", [])
+        for i, rej in enumerate(rejected if accepted else []):
+            acc = accepted[i % len(accepted)]
+            if acc["suggestion"].strip() != rej["suggestion"].strip():
+                pairs.append(PairDraft(f"{acc['id']}>{rej['id']}", prompt, acc["suggestion"], rej["suggestion"]))
+    return pairs
+
+
 MODES: dict[str, Mode] = {
     m.name: m
     for m in [
@@ -176,6 +215,15 @@ MODES: dict[str, Mode] = {
             build=_photo_caption,
             system="Caption this photo as I would.",
         ),
+        Mode(
+            name="tone_rewrite",
+            description="Rewrite a text in the user's tone, learned from their feedback (DPO).",
+            primary="feedback",
+            build=None,
+            build_pairs=_tone_rewrite_pairs,
+            objective="dpo",
+            system="Rewrite this in my tone.",
+        ),
     ]
 }
 
@@ -190,7 +238,8 @@ def get_mode(name: str) -> Mode:
         raise KeyError(f"unknown mode {name!r}; modes are {', '.join(MODES)}") from None
 
 
-DATASET_COLUMNS = ("example_id", "system", "prompt", "response", "split")
+# One schema for every mode: SFT rows leave `rejected` empty; DPO rows hold chosen in `response`.
+DATASET_COLUMNS = ("example_id", "system", "prompt", "response", "rejected", "split")
 
 
 def build_examples(mode: Mode, tables: Mapping[str, pa.Table], user: str = "") -> pd.DataFrame:
@@ -200,7 +249,20 @@ def build_examples(mode: Mode, tables: Mapping[str, pa.Table], user: str = "") -
     """
     ctx = context_for(mode, tables)
     primary = tables.get(mode.primary)
-    return examples_for_records(mode, ctx, primary.to_pylist() if primary is not None else [], user)
+    records = primary.to_pylist() if primary is not None else []
+    if mode.objective == "dpo":
+        try:
+            drafts = mode.build_pairs(records, ctx)
+        except InvalidRecord as exc:
+            raise InvalidRecord(f"user {user!r}, mode {mode.name!r}, {mode.primary} {exc}") from None
+        rows = [
+            {"example_id": d.id, "system": mode.system, "prompt": d.prompt, "response": d.chosen,
+             "rejected": d.rejected, "split": mode.split_of(d.id)}
+            for d in drafts
+        ]
+        df = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+        return df.sort_values("example_id", kind="stable").reset_index(drop=True)
+    return examples_for_records(mode, ctx, records, user)
 
 
 def context_for(mode: Mode, tables: Mapping[str, pa.Table]) -> Context:
@@ -226,6 +288,7 @@ def examples_for_records(
                         "system": mode.system,
                         "prompt": draft.prompt,
                         "response": draft.response,
+                        "rejected": "",
                         "split": mode.split_of(rec["id"]),
                     }
                 )

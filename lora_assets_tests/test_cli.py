@@ -110,6 +110,7 @@ def test_ingest_validates_writes_and_announces(in_process, cli_env, tmp_path, ca
 def test_base_model_add_list_retire_and_backfill(in_process, cli_env, tmp_path, capsys):
     from dagster import DagsterInstance
 
+    from lora_assets.modes import MODES
     from lora_assets.orchestration.runs import register_users
 
     assert in_process("backfill", "--base-model", "tiny-llama") == 2
@@ -126,7 +127,7 @@ def test_base_model_add_list_retire_and_backfill(in_process, cli_env, tmp_path, 
         "AssetKeyPartitionKey(asset_key=AssetKey(['mail_reply', 'adapter']), partition_key='tiny-llama|alice')"
     }
     targets = backfill.asset_backfill_data.target_subset
-    assert targets.num_partitions_and_non_partitioned_assets == 4 * 2 * 2  # (adapter, published) x modes x users
+    assert targets.num_partitions_and_non_partitioned_assets == 2 * len(MODES) * 2  # (adapter, published) x modes x users
 
     local = Path(cli_env["LORA_ASSETS_HOME"]) / "base_models" / "tiny-llama"
     assert in_process("base-model", "add", "my-llama", "--path", str(local)) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 from dagster import (
     AssetMaterialization,
@@ -184,3 +183,12 @@ def test_a_dataset_version_already_being_trained_is_not_requested_twice(env):
     _materialize_dataset(instance, res, "alice")
     dup = _tick(adapter_retrain_sensor, instance, res, first.cursor)
     assert not dup.run_requests
+
+
+def test_feedback_changes_touch_only_the_modes_that_read_feedback(env):
+    instance, res = env
+    ingest(res.store(), res.feed(), "alice", "feedback", [
+        {"id": "fb-1", "mode": "tone_rewrite", "prompt": "Rewrite: hi", "suggestion": "Hello.", "outcome": "rejected"}
+    ])
+    (request,) = _tick(change_feed_sensor, instance, res, None).run_requests
+    assert _selection(request) == {"sources/feedback", "tone_rewrite/dataset"}

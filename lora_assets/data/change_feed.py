@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +163,3 @@ class ChangeFeed:
     def pending_count(self) -> int:
         with self._conn() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0])
-
-    def append_many(self, events: Sequence[ChangeEvent]) -> list[int]:
-        return [self.append(e) for e in events]

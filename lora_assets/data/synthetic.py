@@ -233,7 +233,9 @@ def _feedback(p: Persona, rng: random.Random, n: int) -> list[dict]:
     for i in range(n):
         full, _rel, nick = rng.choice(p.contacts)
         topic = rng.choice(p.interests)
-        prompt = f"Rewrite in my tone: I can come to {topic} on {rng.choice(_DAYS)}."
+        # Few distinct prompts, many reactions to each: accepted and rejected suggestions for the
+        # same prompt are what preference pairs are made of.
+        prompt = f"Rewrite in my tone: I can come to {topic}."
         mine = f"{p.greet(nick)} {p.say(f'{p.pet_words[0]} up for {topic}')}"
         outcome = rng.choice(["accepted", "rejected", "edited"])
         suggestion = mine if outcome == "accepted" else rng.choice(generic)
@@ -267,6 +269,6 @@ def generate_user(user_id: str, seed: int = 0, scale: int = 1) -> dict[str, pa.T
         "calendar": _calendar(p, rng, 20 * scale),
         "browsing": _browsing(p, rng, 80 * scale),
         "photos": _photos(p, rng, 40 * scale),
-        "feedback": _feedback(p, rng, 40 * scale),
+        "feedback": _feedback(p, rng, 60 * scale),
     }
     return {source: records_to_table(source, rows, where=f"user {user_id!r}: ") for source, rows in raw.items()}

@@ -336,6 +336,7 @@ def _adapter_metadata(result, dataset_version: str) -> dict[str, Any]:
         ),
         "final_train_loss": result.loss_curve[-1],
         "loss_curve": MetadataValue.md(_loss_plot(result.loss_curve)),
+        **{k: round(v, 4) for k, v in result.extra_metrics.items()},  # DPO: accuracy/margin before, after
         "steps": result.steps,
         "train_tokens": result.train_tokens,
         "tokens_per_second": round(result.tokens_per_second, 1),
@@ -360,7 +361,7 @@ def _loss_plot(curve: list[float]) -> str:
 
 
 def _preview(df, n: int = 5) -> MetadataValue:
-    cols = ["example_id", "split", "prompt", "response"]
+    cols = ["example_id", "split", "prompt", "response"] + (["rejected"] if (df["rejected"] != "").any() else [])
     return MetadataValue.table(
         records=[
             TableRecord({c: str(getattr(r, c))[:120] for c in cols})

@@ -64,6 +64,10 @@ class TrainJob:
     learning_rate: float = 1e-3  # high for LoRA, but runs are tens of steps, not thousands
     seed: int = 0
     warm_start_from: Path | None = None  # previous adapter dir to continue from
+    objective: str = "sft"  # "sft" on train/eval examples, or "dpo" on pairs/eval_pairs
+    pairs: Sequence[Any] = ()  # PreferencePair (lora_assets.training.dpo), for objective "dpo"
+    eval_pairs: Sequence[Any] = ()
+    beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
     metadata: dict[str, Any] = field(default_factory=dict)  # copied into lora_assets.json
 
 
@@ -83,6 +87,7 @@ class TrainResult:
     total_tokens: int  # all non-pad tokens processed
     seconds: float
     tokens_per_second: float  # total_tokens / seconds of the training loop
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # e.g. DPO accuracy before/after
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -274,10 +279,18 @@ def train_adapters(
     leaving a half-written adapter anywhere. Each adapter is written to a temporary sibling and
     renamed into place, so ``output_dir`` holds either the previous adapter or the new one.
     """
+    from lora_assets.training.dpo import validate_pairs
+
     for job in jobs:
-        validate_examples(job.name, job.train, "train")
-        validate_examples(job.name, job.eval, "eval")
-        _steps_for(job, len(job.train))
+        if job.objective == "dpo":
+            validate_pairs(job.name, job.pairs, "train")
+            validate_pairs(job.name, job.eval_pairs, "eval")
+        elif job.objective == "sft":
+            validate_examples(job.name, job.train, "train")
+            validate_examples(job.name, job.eval, "eval")
+        else:
+            raise InvalidTrainingData(f"job {job.name!r}: unknown objective {job.objective!r}")
+        _steps_for(job, len(job.pairs if job.objective == "dpo" else job.train))
     base = base_model if isinstance(base_model, LoadedBaseModel) else load_base_model(base_model, home)
     return [_train_one(job, base, progress, on_trained) for job in jobs]
 
@@ -290,12 +303,9 @@ def _train_one(
 ) -> TrainResult:
     from peft import PeftModel, get_peft_model
 
-    tok = base.tokenizer
-    train_tok = [tokenize_example(tok, ex, job.max_length) for ex in job.train]
-    steps = _steps_for(job, len(train_tok))
-    batches = make_batches(train_tok, job.batch_size, steps, job.seed, tok.pad_token_id)
-    eval_batches = eval_batches_for(base, job.eval, job.batch_size, job.max_length)
-    base_eval = eval_loss(base.model, eval_batches)
+    objective = _dpo_objective(job, base) if job.objective == "dpo" else _sft_objective(job, base)
+    batches, steps = objective.batches, len(objective.batches)
+    base_eval, _ = objective.evaluate(base.model)
 
     torch.manual_seed(job.seed)
     if job.warm_start_from is not None:
@@ -303,6 +313,7 @@ def _train_one(
     else:
         model = get_peft_model(base.model, job.lora.to_peft())
     try:
+        _, before = objective.evaluate(model)  # a fresh LoRA is the base; a warm start is not
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
         model.train()
@@ -310,8 +321,7 @@ def _train_one(
         total_tokens = train_tokens = 0
         start = time.perf_counter()
         for step, batch in enumerate(batches, start=1):
-            batch = _to(batch, base.device)
-            loss = response_loss(model, batch)
+            loss = objective.loss(model, step - 1, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -321,7 +331,7 @@ def _train_one(
             if progress:
                 progress(job.name, step, steps, curve[-1], total_tokens / (time.perf_counter() - start))
         seconds = time.perf_counter() - start
-        adapter_eval = eval_loss(model, eval_batches)
+        adapter_eval, after = objective.evaluate(model)
         if on_trained is not None:
             on_trained(job, model)
         result = TrainResult(
@@ -337,6 +347,7 @@ def _train_one(
             total_tokens=total_tokens,
             seconds=seconds,
             tokens_per_second=total_tokens / seconds if seconds else 0.0,
+            extra_metrics={**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}},
         )
         _save_adapter(model, job, base, result)
         return result
@@ -344,6 +355,65 @@ def _train_one(
         # Strip the LoRA layers so the next job starts from the untouched base.
         base.model = model.unload()
         base.model.eval()
+
+
+@dataclass
+class _Objective:
+    """What a training objective supplies to the shared loop."""
+
+    batches: list[dict[str, torch.Tensor]]  # on the device, one per step
+    loss: Callable[[Any, int, dict[str, torch.Tensor]], torch.Tensor]  # (model, step index, batch)
+    evaluate: Callable[[Any], tuple[float | None, dict[str, float]]]  # held-out loss, extra metrics
+
+
+def _sft_objective(job: TrainJob, base: LoadedBaseModel) -> _Objective:
+    tok = base.tokenizer
+    train_tok = [tokenize_example(tok, ex, job.max_length) for ex in job.train]
+    steps = _steps_for(job, len(train_tok))
+    batches = [_to(b, base.device) for b in make_batches(train_tok, job.batch_size, steps, job.seed, tok.pad_token_id)]
+    eval_batches = eval_batches_for(base, job.eval, job.batch_size, job.max_length)
+    return _Objective(
+        batches=batches,
+        loss=lambda model, _i, batch: response_loss(model, batch),
+        evaluate=lambda model: (eval_loss(model, eval_batches), {}),
+    )
+
+
+def _dpo_objective(job: TrainJob, base: LoadedBaseModel) -> _Objective:
+    from lora_assets.training.dpo import dpo_loss, pair_batch, preference_metrics, sequence_logps
+
+    tok = base.tokenizer
+    steps = _steps_for(job, len(job.pairs))
+    rng = random.Random(job.seed)
+    order: list[int] = []
+    while len(order) < steps * job.batch_size:
+        epoch = list(range(len(job.pairs)))
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    batches = [
+        _to(pair_batch(tok, [job.pairs[i] for i in order[s * job.batch_size : (s + 1) * job.batch_size]], job.max_length), base.device)
+        for s in range(steps)
+    ]
+    eval_batches = [
+        _to(pair_batch(tok, job.eval_pairs[i : i + job.batch_size], job.max_length), base.device)
+        for i in range(0, len(job.eval_pairs), job.batch_size)
+    ]
+    with torch.no_grad():  # the reference is the frozen base, before any LoRA is attached
+        refs = [sequence_logps(base.model, b) for b in batches]
+        eval_refs = [sequence_logps(base.model, b) for b in eval_batches]
+
+    def loss(model, i: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps, ref = sequence_logps(model, batch), refs[i]
+        n = logps.shape[0] // 2
+        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], job.beta)[0]
+
+    def evaluate(model) -> tuple[float | None, dict[str, float]]:
+        metrics = preference_metrics(model, eval_batches, eval_refs, job.beta)
+        if metrics is None:
+            return None, {}
+        return metrics.loss, {"preference_accuracy": metrics.accuracy, "reward_margin": metrics.mean_margin}
+
+    return _Objective(batches=batches, loss=loss, evaluate=evaluate)
 
 
 def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResult) -> None:
