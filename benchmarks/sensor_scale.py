@@ -19,29 +19,19 @@ from pathlib import Path
 from dagster import (
     AssetMaterialization,
     DagsterInstance,
-    build_sensor_context,
     instance_for_test,
-    partition_loading_context,
 )
 
 from lora_assets.data.ingest import ingest
-from lora_assets.definitions import defs
 from lora_assets.orchestration.assets import dataset_key
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
+from lora_assets.orchestration.ticks import evaluate_tick
 
 
 def tick(sensor, instance: DagsterInstance, resources: LoraAssetsHome, cursor: str | None):
-    ctx = build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        cursor=cursor,
-        resources={"lora_home": resources},
-        definitions=defs,
-    )
     start = time.perf_counter()
-    with partition_loading_context(dynamic_partitions_store=instance):
-        result = sensor.evaluate_tick(ctx)
+    result = evaluate_tick(sensor, instance, resources, cursor)
     return time.perf_counter() - start, result
 
 

@@ -19,7 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lora_assets.data.user_store import OP_DELETE, UserStore, validate_user_id
-from lora_assets.modes import DATASET_COLUMNS, Mode, build_examples, context_for, examples_for_records
+from lora_assets.modes import (
+    DATASET_COLUMNS,
+    Mode,
+    build_examples,
+    context_for,
+    examples_for_records,
+)
 from lora_assets.storage import ObjectStore
 
 _STATE_KEY = b"lora_assets.dataset_state"

@@ -12,7 +12,12 @@ from dagster import AssetKey, DagsterInstance, instance_for_test, materialize
 
 from lora_assets.data.user_store import UserStore, write_user
 from lora_assets.definitions import defs
-from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, source_key
+from lora_assets.orchestration.assets import (
+    adapter_key,
+    all_assets,
+    dataset_key,
+    source_key,
+)
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"

@@ -26,9 +26,12 @@ from lora_assets.datasets import read_dataset
 from lora_assets.drive.sync import sync_device
 from lora_assets.modes import MODES
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.orchestration.runs import launch_adapter_backfill, register_base_model_partition
+from lora_assets.orchestration.runs import (
+    launch_adapter_backfill,
+    register_base_model_partition,
+)
 from lora_assets.orchestration.sensors import set_base_model_retired
-from lora_assets.training import register_base_model, read_adapter_metadata
+from lora_assets.training import read_adapter_metadata, register_base_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 USERS = ("user-000", "user-001")

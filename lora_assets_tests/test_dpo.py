@@ -10,8 +10,18 @@ import torch
 
 from lora_assets.adapters import job_for
 from lora_assets.modes import MODES, build_examples
-from lora_assets.training import InvalidTrainingData, TrainJob, read_adapter_metadata, train_adapters
-from lora_assets.training.dpo import PreferencePair, dpo_loss, pair_batch, sequence_logps
+from lora_assets.training import (
+    InvalidTrainingData,
+    TrainJob,
+    read_adapter_metadata,
+    train_adapters,
+)
+from lora_assets.training.dpo import (
+    PreferencePair,
+    dpo_loss,
+    pair_batch,
+    sequence_logps,
+)
 
 TONE = MODES["tone_rewrite"]
 
@@ -99,7 +109,13 @@ def test_tone_rewrite_trains_and_publishes_through_dagster(home, tiny_base, synt
 
     from lora_assets.data.user_store import UserStore
     from lora_assets.drive.publish import read_current
-    from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, published_key, source_key
+    from lora_assets.orchestration.assets import (
+        adapter_key,
+        all_assets,
+        dataset_key,
+        published_key,
+        source_key,
+    )
     from lora_assets.orchestration.resources import LoraAssetsHome
 
     (tmp_path / "base_models").symlink_to(home / "base_models", target_is_directory=True)

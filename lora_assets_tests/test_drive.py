@@ -17,10 +17,10 @@ from lora_assets.drive.publish import (
     publish_adapter,
     read_current,
 )
-from lora_assets.storage import LocalObjectStore, PreconditionFailed
 from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device
 from lora_assets.gate import decide
 from lora_assets.modes import MODES, build_examples
+from lora_assets.storage import LocalObjectStore, PreconditionFailed
 from lora_assets.training import train_adapters
 from lora_assets.training.inference import load_adapter
 

@@ -12,15 +12,18 @@ import os
 from pathlib import Path
 
 import pytest
-from dagster import build_sensor_context, instance_for_test, materialize, partition_loading_context
+from dagster import (
+    instance_for_test,
+    materialize,
+)
 
 from lora_assets.data.ingest import ingest
-from lora_assets.definitions import defs
 from lora_assets.drive.publish import publish_adapter, read_current
 from lora_assets.drive.sync import sync_device
 from lora_assets.orchestration.assets import all_assets
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
+from lora_assets.orchestration.ticks import evaluate_tick
 from lora_assets.storage import PreconditionFailed, S3ObjectStore
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -94,13 +97,7 @@ def test_pointer_flip_retries_after_a_conditional_write_conflict(aws, tiny_base,
     assert pointer["version"] == second.version and "raced" not in pointer
 
 
-def _tick(sensor, instance, res, cursor):
-    ctx = build_sensor_context(
-        instance=instance, instance_ref=instance.get_ref(), cursor=cursor,
-        resources={"lora_home": res}, definitions=defs,
-    )
-    with partition_loading_context(dynamic_partitions_store=instance):
-        return sensor.evaluate_tick(ctx)
+_tick = evaluate_tick
 
 
 def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):

@@ -5,21 +5,25 @@ from __future__ import annotations
 import pytest
 from dagster import (
     AssetMaterialization,
-    build_sensor_context,
     instance_for_test,
     materialize,
-    partition_loading_context,
 )
 
 from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.ingest import ingest
-from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, source_key
+from lora_assets.orchestration.assets import (
+    adapter_key,
+    all_assets,
+    dataset_key,
+    source_key,
+)
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.sensors import (
     adapter_retrain_sensor,
     change_feed_sensor,
     set_base_model_retired,
 )
+from lora_assets.orchestration.ticks import evaluate_tick
 
 
 @pytest.fixture
@@ -34,18 +38,7 @@ def _mail(i: str, reply: str = "Sure!") -> dict:
 
 
 def _tick(sensor, instance, resources, cursor):
-    """One tick through the same evaluation path the daemon uses (target checks included)."""
-    from lora_assets.definitions import defs
-
-    ctx = build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        cursor=cursor,
-        resources={"lora_home": resources},
-        definitions=defs,
-    )
-    with partition_loading_context(dynamic_partitions_store=instance):
-        return sensor.evaluate_tick(ctx)
+    return evaluate_tick(sensor, instance, resources, cursor)
 
 
 def _selection(request) -> set[str]:

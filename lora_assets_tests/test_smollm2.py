@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_assets.training import DEFAULT_BASE_MODEL, Example, TrainJob, load_base_model, train_adapters
+from lora_assets.training import (
+    DEFAULT_BASE_MODEL,
+    Example,
+    TrainJob,
+    load_base_model,
+    train_adapters,
+)
 from lora_assets.training.inference import load_adapter
 
 

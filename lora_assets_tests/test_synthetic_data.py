@@ -5,7 +5,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from lora_assets.data.schemas import SOURCE_SCHEMAS, SOURCES, InvalidRecord, records_to_table
+from lora_assets.data.schemas import (
+    SOURCE_SCHEMAS,
+    SOURCES,
+    InvalidRecord,
+    records_to_table,
+)
 from lora_assets.data.synthetic import generate_user, persona, user_ids
 
 

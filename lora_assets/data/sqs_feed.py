@@ -5,8 +5,9 @@ S3 event; S3 sends it to an SQS queue; this consumer turns messages into ``Chang
 
 - Keys arrive URL-encoded (``user%40example.com``): they are decoded before parsing.
 - ``s3:TestEvent`` (sent when notifications are configured) is acknowledged and ignored.
-- Delivery is at-least-once and unordered. Datasets are always rebuilt from the store's current
-  state, so order does not matter; duplicates within a batch are dropped by (key, sequencer).
+- Delivery is at-least-once and unordered. Events are coalesced per (user, source) and datasets
+  are rebuilt from the store's current state, so neither a duplicate nor a late older event can
+  change the outcome; S3's ``sequencer`` is kept on the event for diagnosis, not needed to order.
 - A message is deleted only on the tick *after* the one that consumed it, i.e. once Dagster has
   committed that tick's runs together with its cursor, which holds the receipt handles. If a
   tick dies, the messages reappear after the visibility timeout.

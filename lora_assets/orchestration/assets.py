@@ -34,11 +34,20 @@ from dagster import (
 from lora_assets.adapters import adapter_dir, job_for
 from lora_assets.data.schemas import SOURCES
 from lora_assets.data.user_store import table_fingerprint
-from lora_assets.datasets import build_dataset, content_hash, read_dataset, write_dataset
+from lora_assets.datasets import (
+    build_dataset,
+    content_hash,
+    read_dataset,
+    write_dataset,
+)
 from lora_assets.drive.publish import adapter_prefix, publish_adapter
 from lora_assets.gate import evaluate_gate, read_gate
 from lora_assets.modes import MODES, Mode
-from lora_assets.orchestration.partitions import adapter_partitions, split_adapter_key, users_partitions
+from lora_assets.orchestration.partitions import (
+    adapter_partitions,
+    split_adapter_key,
+    users_partitions,
+)
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 OWNERS = ["team:ml-platform"]

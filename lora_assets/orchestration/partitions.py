@@ -6,7 +6,11 @@ Multi-partition keys join dimensions in name order: ``smollm2-135m|alice``.
 
 from __future__ import annotations
 
-from dagster import DynamicPartitionsDefinition, MultiPartitionKey, MultiPartitionsDefinition
+from dagster import (
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+)
 
 users_partitions = DynamicPartitionsDefinition(name="users")
 base_model_partitions = DynamicPartitionsDefinition(name="base_models")

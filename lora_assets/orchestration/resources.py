@@ -9,10 +9,10 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from lora_assets.data.change_feed import ChangeFeed
-from lora_assets.data.user_store import UserStore
 from lora_assets.data.sqs_feed import SqsChangeFeed
-from lora_assets.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from lora_assets.data.user_store import UserStore
 from lora_assets.paths import data_home
+from lora_assets.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 
 
 class LoraAssetsHome(ConfigurableResource):

@@ -11,7 +11,13 @@ from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import Mode
-from lora_assets.orchestration.assets import adapter_key, all_assets, dataset_key, published_key, source_key
+from lora_assets.orchestration.assets import (
+    adapter_key,
+    all_assets,
+    dataset_key,
+    published_key,
+    source_key,
+)
 from lora_assets.orchestration.partitions import (
     adapter_partition_key,
     base_model_partitions,
@@ -19,7 +25,6 @@ from lora_assets.orchestration.partitions import (
 )
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.training.base_models import validate_base_model_key
-
 
 # Progress lines (step, loss, tokens/s) are INFO; Dagster's per-step DEBUG events stay in the UI.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}

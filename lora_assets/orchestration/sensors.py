@@ -29,8 +29,17 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from lora_assets.data.schemas import SOURCES, InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import MODES, Mode
-from lora_assets.orchestration.assets import adapter_key, dataset_key, published_key, source_key
-from lora_assets.orchestration.partitions import adapter_partition_key, base_model_partitions, users_partitions
+from lora_assets.orchestration.assets import (
+    adapter_key,
+    dataset_key,
+    published_key,
+    source_key,
+)
+from lora_assets.orchestration.partitions import (
+    adapter_partition_key,
+    base_model_partitions,
+    users_partitions,
+)
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick

@@ -195,16 +195,23 @@ def collate(items: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
 # --- loss ----------------------------------------------------------------------------------
 
 
-def response_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy on supervised positions only, logits computed only there."""
+def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at supervised positions only (LM head applied there alone), their next tokens,
+    and the (rows, positions) mask they were taken from."""
     inner = _causal_lm(model)
     hidden = inner.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return logits, targets[keep], keep
+
+
+def response_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on supervised positions only."""
+    logits, targets, _keep = supervised_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def _causal_lm(model):
@@ -380,7 +387,12 @@ def _sft_objective(job: TrainJob, base: LoadedBaseModel) -> _Objective:
 
 
 def _dpo_objective(job: TrainJob, base: LoadedBaseModel) -> _Objective:
-    from lora_assets.training.dpo import dpo_loss, pair_batch, preference_metrics, sequence_logps
+    from lora_assets.training.dpo import (
+        dpo_loss,
+        pair_batch,
+        preference_metrics,
+        sequence_logps,
+    )
 
     tok = base.tokenizer
     steps = _steps_for(job, len(job.pairs))

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from lora_assets.training.core import (
-    IGNORE_INDEX,
     Example,
     InvalidTrainingData,
-    _causal_lm,
     collate,
+    supervised_logits,
     tokenize_example,
 )
 
@@ -65,16 +64,10 @@ def pair_batch(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> d
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log-probabilities of each row's response tokens (LM head on those positions only)."""
-    inner = _causal_lm(model)
-    hidden = inner.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[keep].unsqueeze(1)).squeeze(1)
-    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
-    return torch.zeros(targets.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    logits, targets, keep = supervised_logits(model, batch)
+    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    return torch.zeros(keep.shape[0], device=logits.device).index_add(0, rows, token_logps)
 
 
 def dpo_loss(
