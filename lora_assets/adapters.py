@@ -38,25 +38,8 @@ def job_for(
     metadata: dict[str, Any] | None = None,
 ) -> TrainJob:
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table."""
-    if mode.objective == "dpo":
-        from lora_assets.training.dpo import PreferencePair
-
-        def pairs(split: str) -> list[PreferencePair]:
-            rows = dataset[dataset["split"] == split]
-            return [PreferencePair(r.prompt, r.response, r.rejected, r.system, r.example_id)
-                    for r in rows.itertuples(index=False)]
-
-        return TrainJob(
-            name=f"{user}/{mode.name}", train=[], output_dir=Path(output_dir), lora=mode.lora,
-            max_steps=steps if steps is not None else mode.train_steps, seed=0,
-            warm_start_from=warm_start_from, objective="dpo", pairs=pairs("train"),
-            eval_pairs=pairs("eval"), beta=mode.beta,
-            metadata={"user": user, "mode": mode.name, **(metadata or {})},
-        )
-    return TrainJob(
+    common: dict[str, Any] = dict(
         name=f"{user}/{mode.name}",
-        train=examples_from(dataset, "train"),
-        eval=examples_from(dataset, "eval"),
         output_dir=Path(output_dir),
         lora=mode.lora,
         max_steps=steps if steps is not None else mode.train_steps,
@@ -64,3 +47,20 @@ def job_for(
         warm_start_from=warm_start_from,
         metadata={"user": user, "mode": mode.name, **(metadata or {})},
     )
+    if mode.objective == "dpo":
+        return TrainJob(
+            train=[], objective="dpo", pairs=pairs_from(dataset, "train"),
+            eval_pairs=pairs_from(dataset, "eval"), beta=mode.beta, **common,
+        )
+    return TrainJob(train=examples_from(dataset, "train"), eval=examples_from(dataset, "eval"), **common)
+
+
+def pairs_from(dataset: pd.DataFrame, split: str) -> list:
+    """Preference pairs of a DPO dataset (chosen in ``response``, the other side in ``rejected``)."""
+    from lora_assets.training.dpo import PreferencePair
+
+    rows = dataset[dataset["split"] == split]
+    return [
+        PreferencePair(r.prompt, r.response, r.rejected, r.system, r.example_id)
+        for r in rows.itertuples(index=False)
+    ]

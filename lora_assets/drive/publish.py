@@ -111,7 +111,8 @@ def publish_adapter(
     created_at = datetime.now(timezone.utc).isoformat()
     manifest_key = f"{prefix}/{version}/{MANIFEST}"
     if drive.exists(manifest_key):
-        manifest = json.loads(drive.get(manifest_key))
+        manifest_bytes = drive.get(manifest_key)
+        manifest = json.loads(manifest_bytes)
         fetch_verified(drive, prefix, manifest)  # a complete earlier upload: reuse it
     else:
         meta = json.loads(blobs["lora_assets.json"])
@@ -128,21 +129,24 @@ def publish_adapter(
             "files": {n: {"sha256": _sha256(b), "size": len(b)} for n, b in blobs.items()},
             **(extra or {}),
         }
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         for name, data in blobs.items():
             drive.put(f"{prefix}/{version}/{name}", data)
-        drive.put(manifest_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        drive.put(manifest_key, manifest_bytes)
     if before_flip is not None:
         before_flip(version)
-    flipped, previous = _flip_current(drive, prefix, manifest)
+    flipped, previous = _flip_current(drive, prefix, manifest, _sha256(manifest_bytes))
     deleted = apply_retention(drive, user, base_model, mode, keep)
     return PublishResult(version, flipped, previous, tuple(deleted))
 
 
-def _flip_current(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) -> tuple[bool, str | None]:
+def _flip_current(
+    drive: ObjectStore, prefix: str, manifest: dict[str, Any], manifest_sha256: str
+) -> tuple[bool, str | None]:
     key = f"{prefix}/{CURRENT}"
     pointer = {
         "version": manifest["version"],
-        "manifest_sha256": _sha256(drive.get(f"{prefix}/{manifest['version']}/{MANIFEST}")),
+        "manifest_sha256": manifest_sha256,
         "created_at": manifest["created_at"],
         "protocol": PROTOCOL,
     }

@@ -41,7 +41,7 @@ from lora_assets.datasets import (
     write_dataset,
 )
 from lora_assets.drive.publish import adapter_prefix, publish_adapter
-from lora_assets.gate import evaluate_gate, read_gate
+from lora_assets.gate import GateResult, evaluate_gate, read_gate
 from lora_assets.modes import MODES, Mode
 from lora_assets.orchestration.partitions import (
     adapter_partitions,
@@ -225,15 +225,17 @@ def train_mode_adapters(
     mode: Mode,
     base_model: str,
     items: list[tuple[str, str]],
-) -> dict[str, dict[str, Any]]:
-    """Train the adapters of ``mode`` for (partition key, user) pairs on one loaded base model."""
+) -> dict[str, tuple[dict[str, Any], GateResult]]:
+    """Train the adapters of ``mode`` for (partition key, user) pairs on one loaded base model;
+    per partition key, the materialization metadata and the eval-gate verdict."""
     from lora_assets.orchestration.base_cache import loaded_base_model
     from lora_assets.training import train_adapters
 
     home = lora_home.path
+    datasets, drive = lora_home.datasets(), lora_home.drive()  # one client each, not one per user
     jobs = []
     for _key, user in items:
-        found = read_dataset(lora_home.datasets(), user, mode.name)
+        found = read_dataset(datasets, user, mode.name)
         if found is None:
             raise FileNotFoundError(
                 f"no {mode.name} dataset for user {user!r}: materialize {mode.name}/dataset first"
@@ -259,7 +261,7 @@ def train_mode_adapters(
     out = {}
     for (key, user), job, result in zip(items, jobs, results):
         gate = evaluate_gate(
-            base, job, result, lora_home.drive(), user, mode.name, lora_home.gate_margin, lora_home.gate_tolerance
+            base, job, result, drive, user, mode.name, lora_home.gate_margin, lora_home.gate_tolerance
         )
         context.log.info(f"[{job.name}] gate {'passed' if gate.passed else 'FAILED'}: {gate.reason}")
         out[key] = (_adapter_metadata(result, job.metadata["dataset_version"]), gate)
@@ -295,6 +297,7 @@ def build_published_asset(mode: Mode) -> AssetsDefinition:
     )
     def _published(context: AssetExecutionContext, lora_home: LoraAssetsHome) -> MaterializeResult:
         results, gated = {}, {}
+        drive = lora_home.drive()
         for key in context.partition_keys:
             base_model, user = split_adapter_key(key)
             folder = adapter_dir(lora_home.path, base_model, user, mode.name)
@@ -304,7 +307,7 @@ def build_published_asset(mode: Mode) -> AssetsDefinition:
                 # here with every partition, so the gate is re-read per partition.
                 gated[key] = gate.reason if gate else "never evaluated"
                 continue
-            published = publish_adapter(lora_home.drive(), user, base_model, mode.name, folder, keep=lora_home.keep_versions)
+            published = publish_adapter(drive, user, base_model, mode.name, folder, keep=lora_home.keep_versions)
             context.log.info(f"[{user}/{mode.name}] published {published.version} (flipped: {published.flipped})")
             results[key] = {
                 "version": published.version,

@@ -165,17 +165,18 @@ def make_batches(
     tokenized: Sequence[TokenizedExample], batch_size: int, steps: int, seed: int, pad_id: int
 ) -> list[dict[str, torch.Tensor]]:
     """The exact batches a job trains on: epoch-wise seeded shuffles, padded to each batch's longest."""
+    return [collate([tokenized[i] for i in idx], pad_id) for idx in batch_order(len(tokenized), batch_size, steps, seed)]
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Item indices of each step: one seeded shuffle per epoch, epochs concatenated."""
     rng = random.Random(seed)
     order: list[int] = []
     while len(order) < steps * batch_size:
-        epoch = list(range(len(tokenized)))
+        epoch = list(range(n))
         rng.shuffle(epoch)
         order.extend(epoch)
-    batches = []
-    for s in range(steps):
-        items = [tokenized[i] for i in order[s * batch_size : (s + 1) * batch_size]]
-        batches.append(collate(items, pad_id))
-    return batches
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
 def collate(items: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -396,15 +397,9 @@ def _dpo_objective(job: TrainJob, base: LoadedBaseModel) -> _Objective:
 
     tok = base.tokenizer
     steps = _steps_for(job, len(job.pairs))
-    rng = random.Random(job.seed)
-    order: list[int] = []
-    while len(order) < steps * job.batch_size:
-        epoch = list(range(len(job.pairs)))
-        rng.shuffle(epoch)
-        order.extend(epoch)
     batches = [
-        _to(pair_batch(tok, [job.pairs[i] for i in order[s * job.batch_size : (s + 1) * job.batch_size]], job.max_length), base.device)
-        for s in range(steps)
+        _to(pair_batch(tok, [job.pairs[i] for i in idx], job.max_length), base.device)
+        for idx in batch_order(len(job.pairs), job.batch_size, steps, job.seed)
     ]
     eval_batches = [
         _to(pair_batch(tok, job.eval_pairs[i : i + job.batch_size], job.max_length), base.device)
