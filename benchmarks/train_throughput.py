@@ -1,18 +1,27 @@
-"""Training throughput of the core vs a plain peft + transformers loop, on the same batches.
+"""Training throughput of the core vs a plain peft + transformers loop, and fused vs sequential.
 
     .venv/bin/python benchmarks/train_throughput.py [--base-model smollm2-135m] [--steps 6] [--rounds 2]
+        [--fused 1 4 8 16] [--fused-steps 3]
 
 Both loops train a fresh r=16 q/k/v/o LoRA with AdamW on identical batches (the core's own
 ``make_batches`` output for a synthetic user's mail_reply data). The plain loop is what one writes
 from the peft docs: ``model(**batch, labels=labels).loss``. Rounds alternate plain/core so machine
 noise hits both. Printed: tokens/s of each, their ratio, and achieved FLOP/s as a fraction of a
 measured fp32 GEMM peak on this machine.
+
+Then, for each K of ``--fused``: K users' mail_reply adapters trained by ``train_adapters``
+sequentially (``fuse=1``: peft's own LoRA layers, one job after another) and fused (``fuse=K``:
+every step of all K jobs in one fused group), on the same jobs, alternating for ``--rounds``
+rounds after a warm-up. Printed per K: training-loop tokens/s and fraction of the GEMM peak of
+both, adapters per hour of the whole call (evaluation and saving included), and fused/sequential.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,8 +29,8 @@ import torch
 from lora_assets.adapters import job_for
 from lora_assets.data.synthetic import generate_user
 from lora_assets.modes import MODES, build_examples
-from lora_assets.training import load_base_model
-from lora_assets.training.core import (
+from lora_assets.training import load_base_model, train_adapters
+from lora_assets.training.text import (
     IGNORE_INDEX,
     make_batches,
     response_loss,
@@ -89,6 +98,8 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--fused", type=int, nargs="*", default=[1, 4, 8, 16], help="K values (none: skip)")
+    parser.add_argument("--fused-steps", type=int, default=3)
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -123,6 +134,46 @@ def main() -> None:
         print(f"{name:5s}: {rates[name]:7.1f} tokens/s, {flops / seconds / 1e9:5.1f} GFLOP/s "
               f"= {flops / seconds / peak:5.1%} of GEMM peak")
     print(f"ratio core/plain: {rates['core'] / rates['plain']:.2f}x")
+    if args.fused:
+        fused_vs_sequential(base, args.fused, args.fused_steps, args.rounds, peak)
+
+
+def job_flops(base, job) -> float:
+    """FLOPs of a job's training steps, counted on its own batches as ``step_flops`` does."""
+    tokenized = [tokenize_example(base.tokenizer, ex, job.max_length) for ex in job.train]
+    batches = make_batches(tokenized, job.batch_size, job.steps, job.seed, base.tokenizer.pad_token_id)
+    return sum(step_flops(base.model, b, head_everywhere=False) for b in batches)
+
+
+def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: float) -> None:
+    """K users' adapters, sequential vs fused, same jobs, alternating rounds after a warm-up."""
+    mode = MODES["mail_reply"]
+    users = [f"user-{i:03d}" for i in range(max(ks))]
+    datasets = {u: build_examples(mode, generate_user(u), u) for u in users}
+    print(f"\nfused vs sequential: mail_reply adapters of K users, {steps} steps each, batch 8 x <=128 tokens, "
+          f"{rounds} alternating rounds")
+    print(f"{'K':>3}  {'sequential tok/s':>16} {'peak':>6}  {'fused tok/s':>11} {'peak':>6}  "
+          f"{'seq adapters/h':>14} {'fused adapters/h':>16}  {'ratio':>5}")
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = [job_for(mode, users[0], datasets[users[0]], Path(tmp) / "warm", steps=1)]
+        for fuse in (1, 2):  # first steps pay one-off allocations and kernel selection
+            train_adapters(warm, base, progress=None, fuse=fuse)
+        for k in ks:
+            jobs = [job_for(mode, u, datasets[u], Path(tmp) / u, steps=steps) for u in users[:k]]
+            flops = sum(job_flops(base, j) for j in jobs)
+            totals = {"sequential": [0.0, 0.0, 0.0], "fused": [0.0, 0.0, 0.0]}  # tokens, loop s, wall s
+            for _ in range(rounds):
+                for name, fuse in (("sequential", 1), ("fused", k)):
+                    out = [replace(j, output_dir=Path(tmp) / name / j.name) for j in jobs]
+                    start = time.perf_counter()
+                    results = train_adapters(out, base, progress=None, fuse=fuse)
+                    totals[name][2] += time.perf_counter() - start
+                    totals[name][1] += sum(r.seconds for r in results)
+                    totals[name][0] += sum(r.total_tokens for r in results)
+            row = {n: (t / loop, flops * rounds / loop / peak, k * rounds / wall * 3600) for n, (t, loop, wall) in totals.items()}
+            (st, sp, sh), (ft, fp, fh) = row["sequential"], row["fused"]
+            print(f"{k:>3}  {st:>16.1f} {sp:>6.1%}  {ft:>11.1f} {fp:>6.1%}  {sh:>14.0f} {fh:>16.0f}  {fh / sh:>4.2f}x",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from typing import Any
 import pandas as pd
 
 from lora_assets.modes import Mode
-from lora_assets.training.core import Example, TrainJob
+from lora_assets.training.dpo import PreferencePair
+from lora_assets.training.jobs import TrainJob
+from lora_assets.training.text import Example
 
 
 def adapter_dir(home: Path, base_model: str, user: str, mode: str) -> Path:
@@ -28,6 +30,15 @@ def examples_from(dataset: pd.DataFrame, split: str) -> list[Example]:
     ]
 
 
+def pairs_from(dataset: pd.DataFrame, split: str) -> list[PreferencePair]:
+    """Preference pairs of a pairwise dataset (chosen in ``response``, the other in ``rejected``)."""
+    rows = dataset[dataset["split"] == split]
+    return [
+        PreferencePair(r.prompt, r.response, r.rejected, r.system, r.example_id)
+        for r in rows.itertuples(index=False)
+    ]
+
+
 def job_for(
     mode: Mode,
     user: str,
@@ -38,8 +49,12 @@ def job_for(
     metadata: dict[str, Any] | None = None,
 ) -> TrainJob:
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table."""
-    common: dict[str, Any] = dict(
+    rows = pairs_from if mode.objective.pairwise else examples_from
+    return TrainJob(
         name=f"{user}/{mode.name}",
+        train=rows(dataset, "train"),
+        eval=rows(dataset, "eval"),
+        objective=mode.objective,
         output_dir=Path(output_dir),
         lora=mode.lora,
         max_steps=steps if steps is not None else mode.train_steps,
@@ -47,20 +62,3 @@ def job_for(
         warm_start_from=warm_start_from,
         metadata={"user": user, "mode": mode.name, **(metadata or {})},
     )
-    if mode.objective == "dpo":
-        return TrainJob(
-            train=[], objective="dpo", pairs=pairs_from(dataset, "train"),
-            eval_pairs=pairs_from(dataset, "eval"), beta=mode.beta, **common,
-        )
-    return TrainJob(train=examples_from(dataset, "train"), eval=examples_from(dataset, "eval"), **common)
-
-
-def pairs_from(dataset: pd.DataFrame, split: str) -> list:
-    """Preference pairs of a DPO dataset (chosen in ``response``, the other side in ``rejected``)."""
-    from lora_assets.training.dpo import PreferencePair
-
-    rows = dataset[dataset["split"] == split]
-    return [
-        PreferencePair(r.prompt, r.response, r.rejected, r.system, r.example_id)
-        for r in rows.itertuples(index=False)
-    ]

@@ -74,7 +74,7 @@ def build_dataset(
 ) -> tuple[pd.DataFrame, DatasetState, BuildReport]:
     """Bring ``previous`` up to date by reducing over the changes since it, or rebuild."""
     # Pairs span records (an accepted and a rejected suggestion), so DPO datasets rebuild in full.
-    if previous is not None and mode.objective == "sft" and list(previous[0].columns) == list(DATASET_COLUMNS):
+    if previous is not None and not mode.objective.pairwise and list(previous[0].columns) == list(DATASET_COLUMNS):
         old_df, old_state = previous
         ctx_fps = _context_fingerprints(store, mode, user)
         if ctx_fps == old_state.context_fingerprints:

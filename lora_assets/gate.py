@@ -16,8 +16,8 @@ from pathlib import Path
 from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_verified
 from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
-from lora_assets.training.core import TrainJob, TrainResult, evaluate_adapter
-from lora_assets.training.dpo import evaluate_dpo_adapter
+from lora_assets.training.jobs import TrainJob, TrainResult
+from lora_assets.training.objectives import training_for
 
 GATE_FILE = "gate.json"
 
@@ -65,16 +65,13 @@ def evaluate_gate(
     """Compare the fresh adapter with the base and with the published CURRENT version."""
     published = current_manifest(drive, user, base.ref.key, mode)
     published_loss = None
-    if published is not None and (job.eval or job.eval_pairs):
+    if published is not None and job.eval:
         files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
-            if job.objective == "dpo":  # the same measure training reported: held-out DPO loss
-                metrics = evaluate_dpo_adapter(base, Path(tmp), job.eval_pairs, job.beta, job.max_length)
-                published_loss = metrics.loss if metrics else None
-            else:
-                published_loss = evaluate_adapter(base, Path(tmp), job.eval, job.max_length)
+            # The same measure training reported (held-out response loss, or DPO loss).
+            published_loss = training_for(job.objective).evaluate_saved(base, Path(tmp), job)
     passed, reason = decide(result.base_eval_loss, result.adapter_eval_loss, published_loss, margin, tolerance)
     gate = GateResult(
         passed=passed,

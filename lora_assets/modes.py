@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from lora_assets.data.schemas import SOURCES, InvalidRecord
 from lora_assets.lora_spec import LoraSpec
+from lora_assets.objective import DPO, SFT, Objective
 
 Record = Mapping[str, Any]
 
@@ -75,9 +76,8 @@ class Mode:
     build: Builder | None  # SFT: one example per primary record
     system: str  # the instruction shown to the model as the system turn
     context: tuple[str, ...] = ()  # sources consulted while building every example
-    objective: str = "sft"  # "sft", or "dpo" with build_pairs over all primary records
+    objective: Objective = SFT()  # a pairwise objective (DPO) builds with build_pairs instead
     build_pairs: PairBuilder | None = None
-    beta: float = 0.1  # DPO temperature
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
     train_steps: int = 30
@@ -221,7 +221,7 @@ MODES: dict[str, Mode] = {
             primary="feedback",
             build=None,
             build_pairs=_tone_rewrite_pairs,
-            objective="dpo",
+            objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
         ),
     ]
@@ -250,7 +250,7 @@ def build_examples(mode: Mode, tables: Mapping[str, pa.Table], user: str = "") -
     ctx = context_for(mode, tables)
     primary = tables.get(mode.primary)
     records = primary.to_pylist() if primary is not None else []
-    if mode.objective == "dpo":
+    if mode.objective.pairwise:
         try:
             drafts = mode.build_pairs(records, ctx)
         except InvalidRecord as exc:

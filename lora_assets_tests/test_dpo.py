@@ -10,6 +10,7 @@ import torch
 
 from lora_assets.adapters import job_for
 from lora_assets.modes import MODES, build_examples
+from lora_assets.objective import DPO
 from lora_assets.training import (
     InvalidTrainingData,
     TrainJob,
@@ -61,8 +62,8 @@ def test_sequence_logps_sum_response_token_logprobs(tiny_base):
     ],
 )
 def test_bad_pairs_are_rejected_with_a_clear_error(tiny_base, tmp_path, pair, message):
-    job = TrainJob(name="alice/tone_rewrite", train=[], output_dir=tmp_path / "a", objective="dpo",
-                   pairs=[PreferencePair("Rewrite: hi", "Hey!!", "Hello."), pair])
+    job = TrainJob(name="alice/tone_rewrite", output_dir=tmp_path / "a", objective=DPO(),
+                   train=[PreferencePair("Rewrite: hi", "Hey!!", "Hello."), pair])
     with pytest.raises(InvalidTrainingData) as err:
         train_adapters([job], tiny_base, progress=None)
     assert "alice/tone_rewrite" in str(err.value) and message in str(err.value)

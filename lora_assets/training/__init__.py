@@ -1,4 +1,7 @@
-"""Training core: base models, LoRA SFT, inference. Imports no dagster."""
+"""Training core: base models, LoRA SFT and DPO (fused across users where possible), inference.
+
+Imports no dagster.
+"""
 
 from lora_assets.training.base_models import (
     DEFAULT_BASE_MODEL,
@@ -13,12 +16,13 @@ from lora_assets.training.base_models import (
 from lora_assets.training.core import (
     Example,
     InvalidTrainingData,
-    LoraSpec,
     TrainJob,
     TrainResult,
     read_adapter_metadata,
     train_adapters,
+    validate_job,
 )
+from lora_assets.training.dpo import PreferencePair
 
 __all__ = [
     "DEFAULT_BASE_MODEL",
@@ -28,7 +32,7 @@ __all__ = [
     "Example",
     "InvalidTrainingData",
     "LoadedBaseModel",
-    "LoraSpec",
+    "PreferencePair",
     "TrainJob",
     "TrainResult",
     "load_base_model",
@@ -36,4 +40,5 @@ __all__ = [
     "register_base_model",
     "resolve_base_model",
     "train_adapters",
+    "validate_job",
 ]

@@ -4,7 +4,7 @@ For a pair (prompt x, chosen y_w, rejected y_l) and reference model pi_ref:
 
     loss = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
 
-The reference is the frozen base model (the adapter disabled with peft's ``disable_adapter()``),
+The reference is the frozen base model (its log-probs are taken before any LoRA is attached),
 also when training warm-starts from the user's previous adapter. Why the base and not the
 previous adapter: the implicit reward is then measured from the same anchor in every round, and
 the KL pull is towards the base model's language ability, so a chain of retrains cannot drift
@@ -15,17 +15,17 @@ policy starts from it. Reference log-probs are computed once per pair, before tr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lora_assets.training.core import (
+from lora_assets.training.jobs import InvalidTrainingData, validate_examples
+from lora_assets.training.text import (
     Example,
-    InvalidTrainingData,
     collate,
     supervised_logits,
+    to_device,
     tokenize_example,
 )
 
@@ -43,15 +43,10 @@ class PreferencePair:
 
 def validate_pairs(job_name: str, pairs: Sequence[PreferencePair], split: str) -> None:
     """Raise InvalidTrainingData naming the job and the first bad pair."""
-    if split == "train" and not pairs:
-        raise InvalidTrainingData(f"job {job_name!r}: no preference pairs")
+    validate_examples(job_name, pairs, split, PreferencePair, ("prompt", "chosen", "rejected"))
     for i, pair in enumerate(pairs):
-        where = f"job {job_name!r}: {split} pair {i}" + (f" (id={pair.id})" if pair.id else "")
-        for fld in ("prompt", "chosen", "rejected"):
-            value = getattr(pair, fld)
-            if not isinstance(value, str) or not value.strip():
-                raise InvalidTrainingData(f"{where}: empty {fld}")
         if pair.chosen.strip() == pair.rejected.strip():
+            where = f"job {job_name!r}: {split} pair {i}" + (f" (id={pair.id})" if pair.id else "")
             raise InvalidTrainingData(f"{where}: chosen and rejected are identical")
 
 
@@ -90,14 +85,6 @@ class PreferenceMetrics:
 
 
 @torch.no_grad()
-def reference_logps(model, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Log-probs under the frozen base: with the adapter disabled when one is attached."""
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with ctx:
-        return [sequence_logps(model, b) for b in batches]
-
-
-@torch.no_grad()
 def preference_metrics(
     model, batches: Sequence[dict[str, torch.Tensor]], refs: Sequence[torch.Tensor], beta: float
 ) -> PreferenceMetrics | None:
@@ -121,18 +108,9 @@ def preference_metrics(
     )
 
 
-def evaluate_dpo_adapter(base, adapter_dir, pairs: Sequence[PreferencePair], beta: float, max_length: int = 128):
-    """Held-out preference metrics of a saved adapter against the frozen base as reference."""
-    from peft import PeftModel
-
-    batches = [
-        {k: v.to(base.device) for k, v in pair_batch(base.tokenizer, pairs[i : i + 8], max_length).items()}
-        for i in range(0, len(pairs), 8)
+def pair_batches(base, pairs: Sequence[PreferencePair], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Held-out pairs in order, ``batch_size`` pairs (2x rows) at a time, on the base's device."""
+    return [
+        to_device(pair_batch(base.tokenizer, pairs[i : i + batch_size], max_length), base.device)
+        for i in range(0, len(pairs), batch_size)
     ]
-    with torch.no_grad():
-        refs = [sequence_logps(base.model, b) for b in batches]
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
-    try:
-        return preference_metrics(model, batches, refs, beta)
-    finally:
-        base.model = model.unload()

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lora_assets.training.base_models import LoadedBaseModel
-from lora_assets.training.core import chat_prompt_ids
+from lora_assets.training.text import chat_prompt_ids
 
 
 def load_adapter(base: LoadedBaseModel, adapter_dir: Path):

@@ -1,0 +1,103 @@
+"""What a training call takes and gives back: jobs, results, and the error for bad data."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_assets.lora_spec import LoraSpec
+from lora_assets.objective import SFT, Objective
+
+
+class InvalidTrainingData(ValueError):
+    """A job's examples cannot be trained on; the message names the job and the example."""
+
+
+@dataclass
+class TrainJob:
+    """Everything needed to train one adapter."""
+
+    name: str  # shown in progress and errors, e.g. "alice/mail_reply"
+    train: Sequence[Any]  # Example for SFT, PreferencePair for DPO
+    output_dir: Path
+    eval: Sequence[Any] = ()
+    objective: Objective = field(default_factory=SFT)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    max_steps: int | None = 20  # step budget; when None, ``epochs`` decides
+    epochs: float = 1.0  # used only when max_steps is None
+    batch_size: int = 8
+    max_length: int = 128  # tokens per example, prompt truncated from the left first
+    learning_rate: float = 1e-3  # high for LoRA, but runs are tens of steps, not thousands
+    seed: int = 0
+    warm_start_from: Path | None = None  # previous adapter dir to continue from
+    metadata: dict[str, Any] = field(default_factory=dict)  # copied into lora_assets.json
+
+    @property
+    def steps(self) -> int:
+        """The step budget: ``max_steps``, or ``epochs`` over the training examples."""
+        if self.max_steps is not None:
+            if self.max_steps < 1:
+                raise InvalidTrainingData(f"job {self.name!r}: max_steps must be >= 1")
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * len(self.train) / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    """What one job produced: where the adapter is and how training went."""
+
+    name: str
+    output_dir: Path
+    base_model: str
+    base_model_revision: str
+    steps: int
+    loss_curve: list[float]
+    base_eval_loss: float | None
+    adapter_eval_loss: float | None
+    train_tokens: int  # supervised (response) tokens seen
+    total_tokens: int  # all non-pad tokens processed
+    seconds: float  # this job's share of the training loop (fused jobs split their group's time)
+    tokens_per_second: float  # total_tokens / seconds
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # e.g. DPO accuracy before/after
+    fused_with: int = 1  # jobs that shared each forward/backward pass with this one
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["output_dir"] = str(self.output_dir)
+        return out
+
+
+ProgressFn = Callable[[str, int, int, float, float], None]
+
+
+def print_progress(job: str, step: int, total: int, loss: float, tokens_per_s: float) -> None:
+    """Default progress: one line per step on stderr."""
+    print(
+        f"  [{job}] step {step}/{total} loss {loss:.4f} {tokens_per_s:.0f} tok/s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def validate_examples(job_name: str, examples: Sequence[Any], split: str, kind: type, fields: Sequence[str]) -> None:
+    """Raise InvalidTrainingData naming the job and the first bad example."""
+    noun = "preference pairs" if kind.__name__ == "PreferencePair" else "training examples"
+    if split == "train" and not examples:
+        raise InvalidTrainingData(f"job {job_name!r}: no {noun}")
+    item = "pair" if kind.__name__ == "PreferencePair" else "example"
+    for i, ex in enumerate(examples):
+        where = f"job {job_name!r}: {split} {item} {i}" + (f" (id={ex.id})" if getattr(ex, "id", "") else "")
+        if not isinstance(ex, kind):
+            raise InvalidTrainingData(f"{where}: expected {kind.__name__}, got {type(ex).__name__}")
+        for fld in fields:
+            value = getattr(ex, fld)
+            if not isinstance(value, str):
+                raise InvalidTrainingData(f"{where}: {fld} must be a string, got {value!r}")
+            if not value.strip():
+                raise InvalidTrainingData(f"{where}: empty {fld}")
+        if ex.system is not None and not isinstance(ex.system, str):
+            raise InvalidTrainingData(f"{where}: system must be a string or None")

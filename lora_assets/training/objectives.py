@@ -1,0 +1,144 @@
+"""How each objective declared in ``lora_assets.objective`` is trained and measured.
+
+The shared loop in ``core`` asks an objective for its step batches, its loss on one batch and
+its held-out measure; the eval gate asks it to measure a saved adapter the same way. One place
+per objective, instead of branching on its name wherever training happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_assets.objective import DPO, SFT, Objective
+from lora_assets.training.base_models import LoadedBaseModel
+from lora_assets.training.dpo import (
+    PreferencePair,
+    dpo_loss,
+    pair_batch,
+    pair_batches,
+    preference_metrics,
+    sequence_logps,
+    validate_pairs,
+)
+from lora_assets.training.jobs import TrainJob, validate_examples
+from lora_assets.training.text import (
+    Example,
+    batch_order,
+    eval_batches_for,
+    eval_loss,
+    make_batches,
+    response_loss,
+    to_device,
+    tokenize_example,
+)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Prepared:
+    """One job's training data, ready for the shared loop."""
+
+    batches: list[Batch]  # on the device, one per step
+    loss: Callable[[Any, int, Batch], torch.Tensor]  # (model, step index, batch) -> loss
+    evaluate: Callable[[Any], tuple[float | None, dict[str, float]]]  # held-out loss, extra metrics
+    metrics_before_training: bool  # whether `evaluate` before training tells more than the base loss
+
+
+class SftTraining:
+    """Next-token loss on response tokens; held-out measure: the same loss on the eval split."""
+
+    def validate(self, job: TrainJob) -> None:
+        validate_examples(job.name, job.train, "train", Example, ("prompt", "response"))
+        validate_examples(job.name, job.eval, "eval", Example, ("prompt", "response"))
+
+    def prepare(self, job: TrainJob, base: LoadedBaseModel) -> Prepared:
+        tok = base.tokenizer
+        tokenized = [tokenize_example(tok, ex, job.max_length) for ex in job.train]
+        batches = [to_device(b, base.device) for b in make_batches(tokenized, job.batch_size, job.steps, job.seed, tok.pad_token_id)]
+        held_out = eval_batches_for(tok, base.device, job.eval, job.batch_size, job.max_length)
+        return Prepared(
+            batches=batches,
+            loss=lambda model, _i, batch: response_loss(model, batch),
+            evaluate=lambda model: (eval_loss(model, held_out), {}),
+            metrics_before_training=False,
+        )
+
+    def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
+        held_out = eval_batches_for(base.tokenizer, base.device, job.eval, job.batch_size, job.max_length)
+        with attached(base, adapter_dir) as model:
+            return eval_loss(model, held_out)
+
+
+class DpoTraining:
+    """Sigmoid DPO against the frozen base; held-out measure: the DPO loss on eval pairs."""
+
+    def __init__(self, objective: DPO) -> None:
+        self.beta = objective.beta
+
+    def validate(self, job: TrainJob) -> None:
+        validate_pairs(job.name, job.train, "train")
+        validate_pairs(job.name, job.eval, "eval")
+
+    def prepare(self, job: TrainJob, base: LoadedBaseModel) -> Prepared:
+        pairs: list[PreferencePair] = list(job.train)
+        batches = [
+            to_device(pair_batch(base.tokenizer, [pairs[i] for i in idx], job.max_length), base.device)
+            for idx in batch_order(len(pairs), job.batch_size, job.steps, job.seed)
+        ]
+        held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
+        with torch.no_grad():  # the reference is the frozen base, before any LoRA is attached
+            refs = [sequence_logps(base.model, b) for b in batches]
+            held_out_refs = [sequence_logps(base.model, b) for b in held_out]
+        beta = self.beta
+
+        def loss(model, i: int, batch: Batch) -> torch.Tensor:
+            logps, ref = sequence_logps(model, batch), refs[i]
+            n = logps.shape[0] // 2
+            return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)[0]
+
+        def evaluate(model) -> tuple[float | None, dict[str, float]]:
+            metrics = preference_metrics(model, held_out, held_out_refs, beta)
+            if metrics is None:
+                return None, {}
+            return metrics.loss, {"preference_accuracy": metrics.accuracy, "reward_margin": metrics.mean_margin}
+
+        return Prepared(batches=batches, loss=loss, evaluate=evaluate, metrics_before_training=True)
+
+    def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
+        held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
+        with torch.no_grad():
+            refs = [sequence_logps(base.model, b) for b in held_out]
+        with attached(base, adapter_dir) as model:
+            metrics = preference_metrics(model, held_out, refs, self.beta)
+        return metrics.loss if metrics else None
+
+
+def training_for(objective: Objective) -> SftTraining | DpoTraining:
+    """The implementation of a declared objective."""
+    if isinstance(objective, SFT):
+        return SftTraining()
+    if isinstance(objective, DPO):
+        return DpoTraining(objective)
+    raise TypeError(f"no training implementation for objective {objective!r}")
+
+
+class attached:
+    """``with attached(base, dir) as model``: a saved adapter on the base, removed afterwards."""
+
+    def __init__(self, base: LoadedBaseModel, adapter_dir: Path) -> None:
+        self.base, self.adapter_dir = base, adapter_dir
+
+    def __enter__(self):
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.base.model, str(self.adapter_dir), is_trainable=False)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.base.model = self.model.unload()
