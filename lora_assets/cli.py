@@ -18,18 +18,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from lora_assets.orchestration.instance import ensure_dagster_home, get_instance
     from lora_assets.orchestration.resources import LoraAssetsHome
     from lora_assets.orchestration.runs import (
-        materialize_adapters,
-        materialize_datasets,
         register_base_model_partition,
         register_users,
+        run_adapter_batch,
+        run_dataset_batch,
     )
     from lora_assets.training.base_models import resolve_base_model
 
     resources = LoraAssetsHome(home=str(data_home()), train_steps=args.steps)
-    store = resources.store()
+    settings = resources.settings()
+    store = settings.store()
     users = user_ids(args.users)
     modes = [get_mode(m) for m in (args.modes or list(MODES))]
-    print(f"data dir: {resources.path}\ndagster home: {ensure_dagster_home()}")
+    print(f"data dir: {settings.home}\ndagster home: {ensure_dagster_home()}")
     instance = get_instance()
     print(f"seeding {len(users)} synthetic users: {', '.join(users)}")
     for user in users:
@@ -38,43 +39,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     register_users(instance, users)
     t0 = time.perf_counter()
     print(f"preparing base model {args.base_model} ...", flush=True)
-    resolve_base_model(args.base_model, resources.path)  # one-off GGUF conversion happens here
+    resolve_base_model(args.base_model, settings.home)  # one-off GGUF conversion happens here
     register_base_model_partition(instance, args.base_model)
 
+    sources = sorted({s for m in modes for s in m.sources})
+    print(f"run dataset_batch: sources -> datasets ({', '.join(m.name for m in modes)}) for {len(users)} users", flush=True)
+    run_dataset_batch(instance, {u: sources for u in users}, resources)
+    print(f"run adapter_batch: {len(users) * len(modes)} adapters on {args.base_model}", flush=True)
+    result = run_adapter_batch(instance, args.base_model, [(u, m.name) for u in users for m in modes], resources)
+    events = {(m.asset_key.to_user_string(), m.partition): m for m in _materializations(result)}
     rows = []
     for user in users:
-        print(f"[{user}] run: sources -> datasets ({', '.join(m.name for m in modes)})", flush=True)
-        materialize_datasets(instance, user, modes, resources)
-        print(f"[{user}] run: adapters on {args.base_model}", flush=True)
-        result = materialize_adapters(instance, args.base_model, user, modes, resources)
+        partition = f"{args.base_model}|{user}"
         for mode in modes:
-            mats = result.asset_materializations_for_node(f"{mode.name}__adapter")
-            if not mats:
+            mat = events.get((f"{mode.name}/adapter", partition))
+            if mat is None:
                 rows.append([user, mode.name, args.base_model, "-", "-", "-", "-", "training failed"])
                 continue
-            meta = {k: v.value for k, v in mats[0].metadata.items()}
-            published = result.asset_materializations_for_node(f"{mode.name}__published")
-            status = published[0].metadata["version"].value if published else "gate failed"
-            rows.append(
-                [
-                    user,
-                    mode.name,
-                    meta["base_model"],
-                    f"{meta['base_eval_loss']:.3f}",
-                    f"{meta['adapter_eval_loss']:.3f}",
-                    f"{meta['train_seconds']:.1f}",
-                    f"{meta['tokens_per_second']:.0f}",
-                    status,
-                ]
-            )
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            published = events.get((f"{mode.name}/published", partition))
+            status = published.metadata["version"].value if published else "gate failed"
+            rows.append([
+                user, mode.name, meta["base_model"], f"{meta['base_eval_loss']:.3f}", f"{meta['adapter_eval_loss']:.3f}",
+                f"{meta['train_seconds']:.1f}", f"{meta['tokens_per_second']:.0f}", status,
+            ])
     _print_table(
         ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s", "published"], rows
     )
-    print(f"adapters under {resources.path / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
-    print(f"published to the users' drives ({resources.backend} backend); sync a device with:")
+    print(f"adapters under {settings.home / 'adapters' / args.base_model}; total {time.perf_counter() - t0:.0f}s")
+    print(f"published to the users' drives ({settings.backend} backend); sync a device with:")
     print(f"  lora-assets sync --user {users[0]} --device-dir /tmp/device-{users[0]} --base-model {args.base_model}")
     print("see the runs and the asset graph: make ui  (then open http://127.0.0.1:3000)")
     return 0
+
+
+def _materializations(result) -> list:
+    return [e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -107,9 +107,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from lora_assets.drive.sync import sync_device
-    from lora_assets.orchestration.resources import LoraAssetsHome
+    from lora_assets.settings import Settings
 
-    drive = LoraAssetsHome(home=str(data_home())).drive()
+    drive = Settings.from_env().drive()
     report = sync_device(drive, args.user, Path(args.device_dir), args.base_model)
     for mode, old, new in report.changed:
         print(f"{mode}: {old or '(none)'} -> {new}")
@@ -141,10 +141,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from lora_assets.data.ingest import ingest_file
-    from lora_assets.orchestration.resources import LoraAssetsHome
+    from lora_assets.settings import Settings
 
-    resources = LoraAssetsHome(home=str(data_home()))
-    result = ingest_file(resources.store(), resources.feed(), args.user, args.source, Path(args.file))
+    settings = Settings.from_env()
+    result = ingest_file(settings.store(), settings.feed(), args.user, args.source, Path(args.file))
     w = result.write
     if result.event_id is None:
         print(f"{args.file}: nothing to ingest")
@@ -158,12 +158,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_base_model(args: argparse.Namespace) -> int:
     from lora_assets.orchestration.instance import get_instance
-    from lora_assets.orchestration.runs import register_base_model_partition
-    from lora_assets.orchestration.sensors import (
+    from lora_assets.orchestration.registry import (
         active_base_models,
         retired_base_models,
         set_base_model_retired,
     )
+    from lora_assets.orchestration.runs import register_base_model_partition
     from lora_assets.training.base_models import register_base_model, resolve_base_model
 
     if args.action != "list" and not args.key:
@@ -195,17 +195,19 @@ def _cmd_base_model(args: argparse.Namespace) -> int:
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from lora_assets.orchestration.instance import get_instance
-    from lora_assets.orchestration.runs import launch_adapter_backfill
+    from lora_assets.orchestration.registry import request_backfill
 
-    backfill_id = launch_adapter_backfill(get_instance(), args.base_model)
-    print(f"backfill {backfill_id} requested; the daemon (make ui) runs it. Watch it under Overview > Backfills.")
+    backfill_id = request_backfill(get_instance(), args.base_model)
+    print(f"backfill {backfill_id} requested: adapter_retrain_sensor plans it (only users and modes with "
+          f"training data) into adapter_batch runs while the daemon runs (make ui). Watch it under Runs, "
+          f"filtered by the tag lora_assets/backfill={backfill_id}.")
     return 0
 
 
 def _cmd_feed(args: argparse.Namespace) -> int:
-    from lora_assets.orchestration.resources import LoraAssetsHome
+    from lora_assets.settings import Settings
 
-    feed = LoraAssetsHome(home=str(data_home())).feed()
+    feed = Settings.from_env().feed()
     print(f"pending events: {feed.pending_count()}")
     for event_id, payload, error in feed.dead_letters():
         print(f"dead letter {event_id}: {error}\n    payload: {payload[:200]}")

@@ -26,7 +26,7 @@ from lora_assets.modes import (
     context_for,
     examples_for_records,
 )
-from lora_assets.storage import ObjectStore
+from lora_assets.storage import ObjectStore, PreconditionFailed
 
 _STATE_KEY = b"lora_assets.dataset_state"
 DATASET_SCHEMA = pa.schema([(c, pa.string()) for c in DATASET_COLUMNS])
@@ -108,23 +108,57 @@ def _context_fingerprints(store: UserStore, mode: Mode, user: str) -> dict[str, 
     return {s: store.fingerprint(user, s) for s in mode.context}
 
 
-def write_dataset(objects: ObjectStore, user: str, mode: str, df: pd.DataFrame, state: DatasetState) -> str:
-    """Write atomically (one object), with the build state in the Parquet schema metadata."""
+def _encode(df: pd.DataFrame, state: DatasetState) -> bytes:
     table = pa.Table.from_pandas(df[list(DATASET_COLUMNS)], schema=DATASET_SCHEMA, preserve_index=False)
     meta = {_STATE_KEY: json.dumps({"primary_seq": state.primary_seq, "context": state.context_fingerprints}).encode()}
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata(meta), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode(data: bytes) -> tuple[pd.DataFrame, DatasetState]:
+    table = pq.read_table(pa.BufferReader(data))
+    raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
+    df = table.replace_schema_metadata(None).to_pandas()
+    return df, DatasetState(raw["primary_seq"], raw["context"])
+
+
+def write_dataset(objects: ObjectStore, user: str, mode: str, df: pd.DataFrame, state: DatasetState) -> str:
+    """Write atomically (one object), with the build state in the Parquet schema metadata."""
     key = dataset_object_key(user, mode)
-    objects.put(key, sink.getvalue().to_pybytes())
+    objects.put(key, _encode(df, state))
     return key
 
 
 def read_dataset(objects: ObjectStore, user: str, mode: str) -> tuple[pd.DataFrame, DatasetState] | None:
     """A written dataset and its build state, or None when there is none yet."""
-    key = dataset_object_key(user, mode)
-    if not objects.exists(key):
-        return None
-    table = pq.read_table(pa.BufferReader(objects.get(key)))
-    raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
-    df = table.replace_schema_metadata(None).to_pandas()
-    return df, DatasetState(raw["primary_seq"], raw["context"])
+    found = objects.get_with_etag(dataset_object_key(user, mode))
+    return _decode(found[0]) if found else None
+
+
+@dataclass(frozen=True)
+class RefreshedDataset:
+    df: pd.DataFrame
+    report: BuildReport
+    version: str  # content hash: the dataset's data version
+    location: str  # where it was written (a path or an s3:// URI)
+
+
+def refresh_dataset(store: UserStore, objects: ObjectStore, mode: Mode, user: str) -> RefreshedDataset:
+    """Bring a user's dataset of ``mode`` up to date with the store and write it.
+
+    The write is a compare-and-swap on the object read: two builds of the same dataset running
+    at once (a retried run overlapping a new one) cannot put an older state over a newer one;
+    the loser starts again from the winner's result.
+    """
+    key = dataset_object_key(user, mode.name)
+    for _attempt in range(10):
+        found = objects.get_with_etag(key)
+        previous = _decode(found[0]) if found else None
+        df, state, report = build_dataset(store, mode, user, previous)
+        try:
+            objects.put_if(key, _encode(df, state), expected_etag=found[1] if found else None)
+        except PreconditionFailed:
+            continue
+        return RefreshedDataset(df, report, content_hash(df), objects.uri(key))
+    raise PreconditionFailed(f"{objects.uri(key)}: gave up after 10 concurrent rebuilds")

@@ -231,6 +231,11 @@ for _m in MODES.values():
     assert set(_m.sources) <= set(SOURCES), _m
 
 
+def modes_reading(sources: set[str]) -> list[Mode]:
+    """The modes whose dataset depends on any of ``sources``, in declaration order."""
+    return [m for m in MODES.values() if sources & set(m.sources)]
+
+
 def get_mode(name: str) -> Mode:
     try:
         return MODES[name]

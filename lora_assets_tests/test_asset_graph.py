@@ -148,13 +148,14 @@ def test_malformed_record_fails_only_that_users_dataset(dagster_env):
 def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, monkeypatch):
     """Backfill runs carry a partition range; the asset trains them all on one base load."""
     import lora_assets.orchestration.base_cache as base_cache
+    import lora_assets.training as training
 
     instance, data, _ = dagster_env
     for user in ("user-000", "user-001"):
         assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], user).success
     loads = []
-    real_load = base_cache.load_base_model
-    monkeypatch.setattr(base_cache, "load_base_model", lambda *a: loads.append(a) or real_load(*a))
+    real_load = training.load_base_model
+    monkeypatch.setattr(training, "load_base_model", lambda *a: loads.append(a) or real_load(*a))
     base_cache._cached.clear()
 
     keys = instance.get_dynamic_partitions("users")

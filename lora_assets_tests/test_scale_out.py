@@ -1,8 +1,8 @@
 """Scale-out engines: S3 user store and drive, SQS change feed, Postgres instance, run launchers.
 
 S3 and SQS are moto's server on 127.0.0.1 (bucket notifications to SQS included); Postgres is
-Debian's server started by the suite. Sensor ticks go through ``evaluate_tick`` like the daemon's,
-and the runs they request execute through ``materialize`` on the Postgres instance.
+Debian's server started by the suite. The end-to-end scenario runs the real daemon on a Postgres
+instance, with the code location on the S3 backend: sensors, batch runs and retries as deployed.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ import os
 from pathlib import Path
 
 import pytest
-from dagster import (
-    instance_for_test,
-    materialize,
-)
+from dagster import instance_for_test
 
 from lora_assets.data.ingest import ingest
+from lora_assets.definitions import defs
 from lora_assets.drive.publish import publish_adapter, read_current
 from lora_assets.drive.sync import sync_device
-from lora_assets.orchestration.assets import all_assets
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
+from lora_assets.orchestration.runs import register_base_model_partition
+from lora_assets.orchestration.sensors import change_feed_sensor
 from lora_assets.orchestration.ticks import evaluate_tick
 from lora_assets.storage import PreconditionFailed, S3ObjectStore
+from lora_assets_tests.harness import Daemon, adapter_runs, dataset_runs
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +96,8 @@ def test_pointer_flip_retries_after_a_conditional_write_conflict(aws, tiny_base,
     assert pointer["version"] == second.version and "raced" not in pointer
 
 
-_tick = evaluate_tick
+def _tick(sensor, instance, res, cursor):
+    return evaluate_tick(sensor, instance, res, cursor, defs)
 
 
 def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):
@@ -112,10 +112,8 @@ def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):
 
         first = _tick(change_feed_sensor, instance, res, None)
         (request,) = first.run_requests
-        assert request.partition_key == "sam@example.com"
-        assert {k.to_user_string() for k in request.asset_selection} >= {
-            "sources/mail", "sources/contacts", "mail_reply/dataset", "photo_caption/dataset"
-        }
+        (change,) = request.run_config["ops"]["rebuild_datasets"]["config"]["users"]
+        assert change == {"user": "sam@example.com", "sources": ["contacts", "mail"]}
         (dead,) = drain(aws, "dlq")
         assert dead["Body"] == "garbage, not an S3 event"
         assert "undecodable SQS message" in dead["MessageAttributes"]["error"]["StringValue"]
@@ -124,85 +122,79 @@ def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):
         attrs = ["ApproximateNumberOfMessagesNotVisible"]
         in_flight = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue"], AttributeNames=attrs)
         assert int(in_flight["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) >= 2
+        assert res.feed().pending_count() >= 2
         second = _tick(change_feed_sensor, instance, res, first.cursor)
         assert not second.run_requests
         in_flight = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue"], AttributeNames=attrs)
         assert int(in_flight["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) == 0
 
 
-def _drive_ticks(instance, res, cursors: dict) -> list[tuple[str, frozenset[str]]]:
-    """Tick both sensors and run what they ask for, until they ask for nothing."""
-    executed = []
-    for _ in range(6):
-        requested = False
-        for sensor in (change_feed_sensor, adapter_retrain_sensor):
-            result = _tick(sensor, instance, res, cursors.get(sensor.name))
-            for request in result.dynamic_partitions_requests or []:
-                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-            for request in result.run_requests:
-                requested = True
-                keys = list(request.asset_selection)
-                outcome = materialize(
-                    all_assets(), selection=keys, partition_key=request.partition_key, instance=instance,
-                    resources={"lora_home": res}, tags=request.tags,
-                )
-                assert outcome.success
-                executed.append((request.partition_key, frozenset(k.to_user_string() for k in keys)))
-            cursors[sensor.name] = result.cursor
-        if not requested:
-            return executed
-    raise AssertionError("sensors did not settle")
+def _postgres_instance_yaml(postgres_url: str) -> str:
+    return (PROJECT / "dagster.yaml").read_text() + f"\nstorage:\n  postgres:\n    postgres_url: {postgres_url}\n"
 
 
-def test_change_driven_scenario_on_s3_sqs_and_postgres(aws, postgres_url, tiny_base, home, synthetic_tables, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = s3_home(aws, data, train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+def _s3_env(aws) -> dict[str, str]:
+    return {
+        "LORA_ASSETS_BACKEND": "s3", "LORA_ASSETS_S3_BUCKET": aws["bucket"],
+        "LORA_ASSETS_S3_ENDPOINT_URL": aws["endpoint"], "LORA_ASSETS_SQS_QUEUE_URL": aws["queue"],
+        "LORA_ASSETS_SQS_DLQ_URL": aws["dlq"], "AWS_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture
+def s3_daemon(aws, postgres_url, home, tiny_base, tmp_path):
+    """The real daemon on the scale-out engines: Postgres instance, S3 stores, SQS feed."""
     drain(aws)
-    overrides = {"storage": {"postgres": {"postgres_url": postgres_url}}}
-    with instance_for_test(overrides=overrides) as instance:
-        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        instance.add_dynamic_partitions("base_models", ["tiny-llama"])
-        for user in ("user-000", "user-001"):
-            for source in ("mail", "contacts", "browsing"):
-                ingest(res.store(), res.feed(), user, source, synthetic_tables[user][source].to_pylist())
-        cursors: dict = {}
-        seeded = _drive_ticks(instance, res, cursors)
-        adapters = {p: s for p, s in seeded if "|" in p}
-        assert set(adapters) == {"tiny-llama|user-000", "tiny-llama|user-001"}
-        # Contacts also feed message_reply and photo_caption, but without messages or photos
-        # their datasets are empty: nothing to train, so no adapter is requested for them.
-        assert adapters["tiny-llama|user-000"] == {
-            "mail_reply/adapter", "mail_reply/published", "search_suggest/adapter", "search_suggest/published",
-        }
-        device = tmp_path / "device"
-        report = sync_device(res.drive(), "user-000", device, "tiny-llama")
-        assert report.ok and sorted(m for m, _o, _n in report.changed) == ["mail_reply", "search_suggest"]
-        assert res.drive().list("user-000/adapters/tiny-llama/mail_reply")  # really on S3
-        assert res.datasets().list("user-000") == ["user-000/mail_reply.parquet", "user-000/message_reply.parquet",
-                                                   "user-000/photo_caption.parquet", "user-000/search_suggest.parquet"]
-        assert not (data / "datasets").exists()
+    d = Daemon(tmp_path, home / "base_models", env=_s3_env(aws), instance_yaml=_postgres_instance_yaml(postgres_url))
+    assert type(d.instance.run_storage).__name__ == "PostgresRunStorage"
+    yield d
+    d.stop()
 
-        # A mail change for user-000 retrains and republishes exactly that adapter.
-        ingest(res.store(), res.feed(), "user-000", "mail", [_mail("mail-new", "Totally up for lunch!!")])
-        changed = _drive_ticks(instance, res, cursors)
-        assert changed == [
-            ("user-000", frozenset({"sources/mail", "mail_reply/dataset"})),
-            ("tiny-llama|user-000", frozenset({"mail_reply/adapter", "mail_reply/published"})),
-        ]
-        assert [m for m, _o, _n in sync_device(res.drive(), "user-000", device, "tiny-llama").changed] == ["mail_reply"]
 
-        # A duplicate delivery of that S3 event and a garbage message: no extra training, no stuck sensor.
-        ingest(res.store(), res.feed(), "user-000", "mail", [_mail("mail-new", "Totally up for lunch!!")])
-        raw = aws["sqs"].receive_message(QueueUrl=aws["queue"], MaxNumberOfMessages=1, VisibilityTimeout=0)
-        body = raw["Messages"][0]["Body"]
-        aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody=body)
-        aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody="{not json")
-        again = _drive_ticks(instance, res, cursors)
-        assert all("|" not in partition for partition, _ in again), f"unexpected training: {again}"
-        assert [p for p, _ in again] == ["user-000"]  # the duplicates coalesce into one dataset run
-        assert any(m["Body"] == "{not json" for m in drain(aws, "dlq"))
+def test_change_driven_scenario_on_s3_sqs_and_postgres_through_the_daemon(s3_daemon, aws, synthetic_tables, tmp_path):
+    d = s3_daemon
+    register_base_model_partition(d.instance, "tiny-llama")
+    for user in ("user-000", "user-001"):
+        for source in ("mail", "contacts", "browsing"):
+            d.ingest(user, source, synthetic_tables[user][source].to_pylist())
+    d.start()
+    seeded = d.settle()
+    # Contacts also feed message_reply and photo_caption, but without messages or photos
+    # their datasets are empty: nothing to train, so no adapter is requested for them.
+    assert adapter_runs(seeded) == {f"tiny-llama|{u}": {"mail_reply/adapter", "search_suggest/adapter"}
+                                    for u in ("user-000", "user-001")}
+    assert len([r for r in seeded if r.job_name == "adapter_batch"]) == 1  # both users in one batch
+    device = tmp_path / "device"
+    drive = d.settings.drive()
+    report = sync_device(drive, "user-000", device, "tiny-llama")
+    assert report.ok and sorted(m for m, _o, _n in report.changed) == ["mail_reply", "search_suggest"]
+    assert drive.list("user-000/adapters/tiny-llama/mail_reply")  # really on S3
+    assert d.settings.datasets().list("user-000") == [
+        "user-000/mail_reply.parquet", "user-000/message_reply.parquet",
+        "user-000/photo_caption.parquet", "user-000/search_suggest.parquet",
+    ]
+    assert not (d.data / "datasets").exists()
+
+    # A mail change for user-000 retrains and republishes exactly that adapter.
+    before = d.runs()
+    d.ingest("user-000", "mail", [_mail("mail-new", "Totally up for lunch!!")])
+    changed = d.new_runs(before)
+    assert dataset_runs(changed) == {"user-000": {"sources/mail", "mail_reply/dataset"}}
+    assert adapter_runs(changed) == {"tiny-llama|user-000": {"mail_reply/adapter"}}
+    assert [m for m, _o, _n in sync_device(drive, "user-000", device, "tiny-llama").changed] == ["mail_reply"]
+
+    # A duplicate delivery of that S3 event and a garbage message: no extra training, no stuck sensor.
+    before = d.runs()
+    d.ingest("user-000", "mail", [_mail("mail-new", "Totally up for lunch!!")])
+    raw = aws["sqs"].receive_message(QueueUrl=aws["queue"], MaxNumberOfMessages=1, VisibilityTimeout=0)
+    for message in raw.get("Messages", []):
+        aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody=message["Body"])
+    aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody="{not json")
+    again = d.new_runs(before)
+    assert adapter_runs(again) == {}, "the same content trains nothing"
+    assert set(dataset_runs(again)) == {"user-000"}
+    assert any(m["Body"] == "{not json" for m in drain(aws, "dlq"))
+
 
 
 @pytest.mark.parametrize("flavour, launcher", [("ecs", "dagster_aws.ecs.EcsRunLauncher"), ("k8s", "dagster_k8s.K8sRunLauncher")])
@@ -236,5 +228,5 @@ def test_production_instance_configs_parse(flavour, launcher, monkeypatch):
 def test_embedded_default_stays_the_default():
     assert os.environ.get("LORA_ASSETS_BACKEND") in (None, "local")
     res = LoraAssetsHome()
-    assert res.backend == "local"
+    assert res.settings().backend == "local"
     assert type(res.feed()).__name__ == "ChangeFeed"

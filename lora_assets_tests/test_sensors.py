@@ -1,27 +1,36 @@
-"""Sensor ticks, evaluated directly: cursors, coalescing, duplicates, poison events, retraining."""
+"""Sensor ticks, evaluated directly: batching, cursors, coalescing, duplicates, poison events,
+retraining, and requesting again what a failed or killed run did not finish."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from dagster import (
     AssetMaterialization,
+    DagsterRunStatus,
     instance_for_test,
     materialize,
 )
+from dagster._core.test_utils import create_run_for_test
 
 from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.ingest import ingest
+from lora_assets.definitions import defs
 from lora_assets.orchestration.assets import (
     adapter_key,
     all_assets,
     dataset_key,
+    published_key,
     source_key,
 )
+from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
+from lora_assets.orchestration.registry import set_base_model_retired
 from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.orchestration.runs import run_dataset_batch
 from lora_assets.orchestration.sensors import (
     adapter_retrain_sensor,
     change_feed_sensor,
-    set_base_model_retired,
 )
 from lora_assets.orchestration.ticks import evaluate_tick
 
@@ -38,14 +47,22 @@ def _mail(i: str, reply: str = "Sure!") -> dict:
 
 
 def _tick(sensor, instance, resources, cursor):
-    return evaluate_tick(sensor, instance, resources, cursor)
+    return evaluate_tick(sensor, instance, resources, cursor, defs)
 
 
-def _selection(request) -> set[str]:
-    return {k.to_user_string() for k in request.asset_selection}
+def _users(request) -> dict[str, list[str]]:
+    """user -> changed sources of a dataset batch request."""
+    config = request.run_config["ops"]["rebuild_datasets"]["config"]
+    return {c["user"]: c["sources"] for c in config["users"]}
 
 
-def test_events_are_coalesced_per_user_and_only_affected_modes_are_selected(env):
+def _items(request) -> set[tuple[str, str, str]]:
+    """(base model, user, mode) of an adapter batch request."""
+    config = request.run_config["ops"]["train_adapters"]["config"]
+    return {(config["base_model"], i["user"], i["mode"]) for i in config["items"]}
+
+
+def test_events_are_coalesced_per_user_into_one_batch_run(env):
     instance, res = env
     store, feed = res.store(), res.feed()
     for i in range(3):  # three batches of alice's mail: one dataset rebuild
@@ -55,16 +72,28 @@ def test_events_are_coalesced_per_user_and_only_affected_modes_are_selected(env)
 
     result = _tick(change_feed_sensor, instance, res, None)
 
-    assert result.cursor == "5"
+    assert json.loads(result.cursor)["feed"] == "5"
     (added,) = result.dynamic_partitions_requests
     assert sorted(added.partition_keys) == ["alice", "bob"]
-    by_user = {r.partition_key: r for r in result.run_requests}
-    assert set(by_user) == {"alice", "bob"}
-    assert _selection(by_user["alice"]) == {
-        "sources/mail", "sources/contacts",
-        "mail_reply/dataset", "message_reply/dataset", "photo_caption/dataset",
-    }
-    assert _selection(by_user["bob"]) == {"sources/browsing", "search_suggest/dataset"}
+    (request,) = result.run_requests
+    assert request.job_name == DATASET_BATCH_JOB
+    assert _users(request) == {"alice": ["contacts", "mail"], "bob": ["browsing"]}
+    assert request.tags["lora_assets/users"] == "alice,bob"
+
+
+def test_a_run_holds_at_most_users_per_run_users_and_only_those_that_changed(env, tmp_path):
+    instance, _ = env
+    res = LoraAssetsHome(home=str(tmp_path), users_per_run=2)
+    instance.add_dynamic_partitions("users", [f"u{i}" for i in range(10)])  # registered, unchanged
+    for user in ("u2", "u5", "u7", "u8", "new"):
+        ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": "rye"}])
+
+    result = _tick(change_feed_sensor, instance, res, None)
+
+    batches = [sorted(_users(r)) for r in result.run_requests]
+    assert batches == [["new", "u2"], ["u5", "u7"], ["u8"]]
+    one = _tick(change_feed_sensor, instance, LoraAssetsHome(home=str(tmp_path), users_per_run=1), None)
+    assert [sorted(_users(r)) for r in one.run_requests] == [["new"], ["u2"], ["u5"], ["u7"], ["u8"]]
 
 
 def test_events_are_acknowledged_only_after_the_cursor_moves_past_them(env):
@@ -88,7 +117,7 @@ def test_known_users_are_not_re_added(env):
     ingest(res.store(), res.feed(), "alice", "mail", [_mail("m1")])
     result = _tick(change_feed_sensor, instance, res, None)
     assert not result.dynamic_partitions_requests
-    assert [r.partition_key for r in result.run_requests] == ["alice"]
+    assert [list(_users(r)) for r in result.run_requests] == [["alice"]]
 
 
 def test_poison_events_are_set_aside_and_do_not_block_the_others(env, tmp_path):
@@ -105,8 +134,8 @@ def test_poison_events_are_set_aside_and_do_not_block_the_others(env, tmp_path):
 
     result = _tick(change_feed_sensor, instance, res, None)
 
-    assert [r.partition_key for r in result.run_requests] == ["alice", "dave"]
-    assert result.cursor == str(good.event_id)
+    assert [sorted(_users(r)) for r in result.run_requests] == [["alice", "dave"]]
+    assert json.loads(result.cursor)["feed"] == str(good.event_id)
     dead = {event_id: error for event_id, _payload, error in feed.dead_letters()}
     assert set(dead) == {garbage, missing, traversal, corrupt.event_id}
     assert "undecodable change event" in dead[garbage]
@@ -141,8 +170,10 @@ def test_adapters_retrain_only_when_the_dataset_version_changes(env):
     version = _materialize_dataset(instance, res, "alice").tags["dagster/data_version"]
 
     first = _tick(adapter_retrain_sensor, instance, res, None)
-    assert sorted(r.partition_key for r in first.run_requests) == ["smollm2-135m|alice", "tiny-llama|alice"]
-    assert all(_selection(r) == {"search_suggest/adapter", "search_suggest/published"} for r in first.run_requests)
+    assert all(r.job_name == ADAPTER_BATCH_JOB for r in first.run_requests)
+    assert sorted(_items(r) for r in first.run_requests) == [
+        {("smollm2-135m", "alice", "search_suggest")}, {("tiny-llama", "alice", "search_suggest")}
+    ]
 
     # Both adapters get trained on that version; the same content again trains nothing.
     for base in ("tiny-llama", "smollm2-135m"):
@@ -156,7 +187,27 @@ def test_adapters_retrain_only_when_the_dataset_version_changes(env):
     ingest(store, feed, "alice", "browsing", [{"id": "b2", "query": "rye flour"}])
     _materialize_dataset(instance, res, "alice")
     changed = _tick(adapter_retrain_sensor, instance, res, same.cursor)
-    assert [r.partition_key for r in changed.run_requests] == ["tiny-llama|alice"]
+    assert [_items(r) for r in changed.run_requests] == [{("tiny-llama", "alice", "search_suggest")}]
+
+
+def test_changed_users_of_one_tick_share_adapter_batch_runs(env, tmp_path):
+    instance, _ = env
+    res = LoraAssetsHome(home=str(tmp_path), users_per_run=2)
+    users = ["ann", "ben", "cat"]
+    instance.add_dynamic_partitions("users", users)
+    instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+    for user in users:
+        ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": f"{user} bread"}])
+    ingest(res.store(), res.feed(), "ann", "mail", [_mail("m1")])
+    assert run_dataset_batch(instance, {u: ["browsing", "mail"] for u in users}, res).success
+
+    result = _tick(adapter_retrain_sensor, instance, res, None)
+
+    assert [_items(r) for r in result.run_requests] == [
+        {("tiny-llama", "ann", "mail_reply"), ("tiny-llama", "ann", "search_suggest"),
+         ("tiny-llama", "ben", "search_suggest")},
+        {("tiny-llama", "cat", "search_suggest")},
+    ]  # ben and cat have no mail: no mail_reply adapter for them
 
 
 def test_a_dataset_version_already_being_trained_is_not_requested_twice(env):
@@ -168,11 +219,8 @@ def test_a_dataset_version_already_being_trained_is_not_requested_twice(env):
     first = _tick(adapter_retrain_sensor, instance, res, None)
     (request,) = first.run_requests
     # The requested run is still training when a duplicate event rebuilds the same dataset.
-    from dagster import DagsterRunStatus
-    from dagster._core.test_utils import create_run_for_test
-
-    create_run_for_test(instance, job_name="__ASSET_JOB", status=DagsterRunStatus.STARTED,
-                        tags={**request.tags, "dagster/partition": request.partition_key})
+    create_run_for_test(instance, job_name=ADAPTER_BATCH_JOB, status=DagsterRunStatus.STARTED,
+                        run_config=request.run_config, tags=request.tags)
     _materialize_dataset(instance, res, "alice")
     dup = _tick(adapter_retrain_sensor, instance, res, first.cursor)
     assert not dup.run_requests
@@ -184,4 +232,93 @@ def test_feedback_changes_touch_only_the_modes_that_read_feedback(env):
         {"id": "fb-1", "mode": "tone_rewrite", "prompt": "Rewrite: hi", "suggestion": "Hello.", "outcome": "rejected"}
     ])
     (request,) = _tick(change_feed_sensor, instance, res, None).run_requests
-    assert _selection(request) == {"sources/feedback", "tone_rewrite/dataset"}
+    assert _users(request) == {"alice": ["feedback"]}
+
+
+def _record_in_run(instance, run, key, partition):
+    from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+
+    instance.report_dagster_event(
+        DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, run.job_name,
+                     event_specific_data=StepMaterializationData(AssetMaterialization(key, partition=partition))),
+        run.run_id,
+    )
+
+
+def _died(instance, job_name, run_config, tags=None):
+    """A batch run whose worker died: the run is marked failed, nothing else was recorded."""
+    run = create_run_for_test(instance, job_name=job_name, status=DagsterRunStatus.STARTED,
+                              run_config=run_config, tags=tags or {})
+    instance.report_run_failed(run)
+    return run
+
+
+def test_the_users_of_a_dataset_run_that_died_are_requested_again_then_quarantined(env, tmp_path):
+    instance, _ = env
+    res = LoraAssetsHome(home=str(tmp_path), max_attempts=2)
+    primed = _tick(change_feed_sensor, instance, res, None)  # a new sensor starts after old failures
+    config = {"ops": {"rebuild_datasets": {"config": {"users": [{"user": "alice", "sources": ["mail"]}]}}}}
+    dead = _died(instance, DATASET_BATCH_JOB, config)
+
+    retry = _tick(change_feed_sensor, instance, res, primed.cursor)
+    (request,) = retry.run_requests
+    assert _users(request) == {"alice": ["mail"]}
+    assert request.tags["lora_assets/attempt"] == "2" and request.tags["lora_assets/retry_of"] == dead.run_id
+    assert not _tick(change_feed_sensor, instance, res, retry.cursor).run_requests  # requested once
+
+    # The retry dies too: with max_attempts 2 the users are quarantined, not requested forever.
+    _died(instance, DATASET_BATCH_JOB, config, tags={"lora_assets/attempt": "2"})
+    assert not _tick(change_feed_sensor, instance, res, retry.cursor).run_requests
+
+
+def test_a_run_the_daemon_will_retry_is_left_to_that_retry(env):
+    instance, res = env
+    primed = _tick(change_feed_sensor, instance, res, None)
+    config = {"ops": {"rebuild_datasets": {"config": {"users": [{"user": "alice", "sources": ["mail"]}]}}}}
+    run = create_run_for_test(instance, job_name=DATASET_BATCH_JOB, status=DagsterRunStatus.STARTED,
+                              run_config=config, tags={"dagster/will_retry": "true"})
+    instance.report_run_failed(run)
+    assert not _tick(change_feed_sensor, instance, res, primed.cursor).run_requests
+
+
+def test_a_bad_user_fails_only_its_own_partitions_and_is_not_requested_again(env, tmp_path):
+    import pyarrow as pa
+
+    from lora_assets.data.schemas import schema_for
+
+    instance, res = env
+    ingest(res.store(), res.feed(), "good", "mail", [_mail("m1")])
+    broken = pa.Table.from_pylist([{"id": "m-broken", "sender": "Sam", "subject": "hi", "body": None, "reply": "ok"}],
+                                  schema=schema_for("mail"))
+    res.store().write("bad", "mail", broken)  # a record no mode can use, written around ingest
+    res.feed().announce(ChangeEvent("bad", "mail", seq=1, upserts=1))
+    tick = _tick(change_feed_sensor, instance, res, None)
+    instance.add_dynamic_partitions("users", ["good", "bad"])
+    (request,) = tick.run_requests
+    assert sorted(_users(request)) == ["bad", "good"]
+
+    result = run_dataset_batch(instance, _users(request), res)
+
+    assert not result.success  # the run fails, naming the bad record ...
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "m-broken" in failure.event_specific_data.error.to_string()
+    mats = instance.fetch_materializations(dataset_key("mail_reply"), limit=10).records
+    assert [m.partition_key for m in mats] == ["good"]  # ... and only the bad user's partitions lack it
+    # The failure is permanent: the sensor does not request the bad user again.
+    assert not _tick(change_feed_sensor, instance, res, tick.cursor).run_requests
+
+
+def test_adapters_a_dead_training_run_did_not_finish_are_requested_again(env):
+    instance, res = env
+    instance.add_dynamic_partitions("users", ["alice", "bob"])
+    instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+    primed = _tick(adapter_retrain_sensor, instance, res, None)
+    items = [{"user": u, "mode": "search_suggest", "dataset_version": f"v-{u}"} for u in ("alice", "bob")]
+    config = {"ops": {"train_adapters": {"config": {"base_model": "tiny-llama", "items": items}}}}
+    run = create_run_for_test(instance, job_name=ADAPTER_BATCH_JOB, status=DagsterRunStatus.STARTED, run_config=config)
+    _record_in_run(instance, run, published_key("search_suggest"), "tiny-llama|alice")  # alice got done
+    instance.report_run_failed(run)  # then the worker died
+
+    (request,) = _tick(adapter_retrain_sensor, instance, res, primed.cursor).run_requests
+    assert _items(request) == {("tiny-llama", "bob", "search_suggest")}
+    assert request.tags["lora_assets/attempt"] == "2"

@@ -129,3 +129,29 @@ class SqsChangeFeed:
         for i in range(0, len(handles), 10):
             batch = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(handles[i : i + 10])]
             self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=batch)
+
+    def pending_count(self) -> int:
+        """Messages waiting or being processed (SQS's approximate counts)."""
+        attrs = self.client.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """(message id, body, error) of dead letters, peeked: they stay on the dead-letter queue."""
+        out: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
+        while len(out) < limit:
+            messages = self.client.receive_message(
+                QueueUrl=self.dead_letter_url, MaxNumberOfMessages=10, VisibilityTimeout=0,
+                MessageAttributeNames=["error"], WaitTimeSeconds=0,
+            ).get("Messages", [])
+            fresh = [m for m in messages if m["MessageId"] not in seen]
+            if not fresh:
+                break
+            for m in fresh:
+                seen.add(m["MessageId"])
+                error = m.get("MessageAttributes", {}).get("error", {}).get("StringValue", "")
+                out.append((m["MessageId"], m["Body"], error))
+        return out[:limit]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_assets.training import LoadedBaseModel, load_base_model, resolve_base_model
+from lora_assets.settings import Settings
+
+if TYPE_CHECKING:
+    from lora_assets.training import LoadedBaseModel
 
 _lock = threading.Lock()
 _cached: dict[tuple[str, str, str], LoadedBaseModel] = {}
@@ -13,6 +18,8 @@ _cached: dict[tuple[str, str, str], LoadedBaseModel] = {}
 
 def loaded_base_model(key: str, home: Path) -> LoadedBaseModel:
     """The base model ``key`` from ``home``, loaded at most once per process (latest one kept)."""
+    from lora_assets.training import load_base_model, resolve_base_model
+
     ref = resolve_base_model(key, home)
     cache_key = (str(home), key, ref.revision)
     with _lock:
@@ -20,3 +27,17 @@ def loaded_base_model(key: str, home: Path) -> LoadedBaseModel:
             _cached.clear()  # keep one model resident: memory, not loads, is the scarce thing
             _cached[cache_key] = load_base_model(key, home)
         return _cached[cache_key]
+
+
+def use_run_threads(settings: Settings) -> int:
+    """Give torch the cores this run owns: ``torch_threads``, else every core of the machine.
+
+    Training runs are serialized per machine (the run queue's ``lora_assets/training`` limit),
+    so by default one run owns the cores; set LORA_ASSETS_TORCH_THREADS where a machine runs
+    several training runs at once (cores / runs).
+    """
+    import torch
+
+    threads = settings.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads

@@ -1,20 +1,36 @@
-"""Sensors: change feed -> dataset runs, and changed datasets -> adapter runs.
+"""Sensors: change feed -> dataset batch runs, and changed datasets -> adapter batch runs.
 
-Both do work proportional to what changed, never to how many users exist: the change sensor
+Both do work proportional to what is pending, never to how many users exist: the change sensor
 reads feed events after its cursor; the adapter sensor reads dataset materializations after its
-cursor (an indexed storage-id range). Declarative automation (``AutomationCondition.eager()``)
-would do the adapter half too, but its tick evaluates every partition (~0.5 ms per user here,
-a minute per tick at 100k users), so the project uses these two event-driven sensors instead.
+cursor (an indexed storage-id range), the training runs still in the queue, and the runs that
+failed since its last tick. Declarative automation (``AutomationCondition.eager()``) would do
+the adapter half too, but its tick evaluates every partition (~0.5 ms per user here, a minute
+per tick at 100k users), and it launches one run per partition.
+
+Each tick groups everything pending into batch runs of up to ``users_per_run`` users
+(``batches.py``): exactly the users and modes that changed, never a range.
+
+Nothing is lost. A feed event is acknowledged once its batch run has been *created* (the run's
+config then holds the change, in Dagster's storage); from then on the run is what must
+succeed. Every tick also reads the runs that failed since the last one: a run the daemon will
+retry (``run_retries`` in dagster.yaml, for a crashed or killed worker) is left to that retry;
+otherwise the work the run did not finish, except what it reported as a permanent failure (bad
+data, a failed gate), is requested again, up to ``max_attempts`` times, and then quarantined
+with an error in the tick's log.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from dagster import (
     AssetRecordsFilter,
-    AssetSelection,
+    DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
@@ -24,72 +40,125 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, DagsterRun
+from dagster._core.storage.tags import WILL_RETRY_TAG
 
-from lora_assets.data.schemas import SOURCES, InvalidRecord, schema_for
+from lora_assets.data.schemas import InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
-from lora_assets.modes import MODES, Mode
-from lora_assets.orchestration.assets import (
-    adapter_key,
-    dataset_key,
-    published_key,
-    source_key,
+from lora_assets.modes import MODES, modes_reading
+from lora_assets.orchestration.assets import adapter_key, dataset_key, published_key
+from lora_assets.orchestration.batches import (
+    ADAPTER_BATCH_JOB,
+    DATASET_BATCH_JOB,
+    PERMANENT_FAILURES,
+    adapter_batch_job,
+    dataset_batch_job,
 )
-from lora_assets.orchestration.partitions import (
-    adapter_partition_key,
-    base_model_partitions,
-    users_partitions,
-)
+from lora_assets.orchestration.partitions import adapter_partition_key, users_partitions
+from lora_assets.orchestration.recording import latest_materializations
+from lora_assets.orchestration.registry import active_base_models, backfill_requests
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
 DATASET_BATCH = 1000  # dataset materializations per mode per tick
-SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "15"))
-RETIRED_KEY = "lora_assets/retired_base_models"
+FAILURES_PER_TICK = 100  # failed runs reconciled per tick
+MAX_QUEUED_TRAINING_RUNS = 8  # backfills add runs only while fewer training runs are waiting
+SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "5"))
 DATA_VERSION_TAG = "dagster/data_version"
+ATTEMPT_TAG = "lora_assets/attempt"
+TRIGGER_TAG = "lora_assets/trigger"
+USERS_TAG = "lora_assets/users"
+BACKFILL_TAG = "lora_assets/backfill"
 
 
-def modes_reading(sources: set[str]) -> list[Mode]:
-    """The modes whose dataset depends on any of ``sources``, in declaration order."""
-    return [m for m in MODES.values() if sources & set(m.sources)]
+def _load(cursor: str | None) -> dict:
+    return json.loads(cursor) if cursor else {}
 
 
-def retired_base_models(instance: DagsterInstance) -> set[str]:
-    raw = instance.run_storage.get_cursor_values({RETIRED_KEY}).get(RETIRED_KEY)
-    return set(json.loads(raw)) if raw else set()
+def _users_tag(users: Sequence[str]) -> str:
+    """The users of a batch, for the run list (tag values are kept short)."""
+    text = ",".join(users)
+    return text if len(text) <= 200 else f"{text[:180].rsplit(',', 1)[0]},... ({len(users)} users)"
 
 
-def set_base_model_retired(instance: DagsterInstance, key: str, retired: bool) -> None:
-    current = retired_base_models(instance)
-    current = current | {key} if retired else current - {key}
-    instance.run_storage.set_cursor_values({RETIRED_KEY: json.dumps(sorted(current))})
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def active_base_models(instance: DagsterInstance) -> list[str]:
-    retired = retired_base_models(instance)
-    return [k for k in instance.get_dynamic_partitions(base_model_partitions.name) if k not in retired]
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- failed runs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailedBatch:
+    run: DagsterRun
+    permanent: frozenset[str]  # what the run reported as failures that will not go away
+    attempt: int
+    materialized: frozenset[tuple[str, str]]  # (asset key, partition) the run did record
+
+    def done(self, key, partition: str) -> bool:
+        return (key.to_user_string(), partition) in self.materialized
+
+
+def failed_batches(
+    instance: DagsterInstance, job_name: str, cursor: str | None
+) -> tuple[list[FailedBatch], str | None]:
+    """Batch runs of ``job_name`` that failed after ``cursor`` and that no retry will redo.
+
+    The cursor is a position in the event log's run-failure events; a new sensor starts at the
+    newest one, so only failures from then on are reconciled.
+    """
+    if cursor is None:
+        latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1, ascending=False)
+        return [], latest.cursor if latest.records else ""
+    records = instance.fetch_run_status_changes(
+        DagsterEventType.RUN_FAILURE, limit=FAILURES_PER_TICK, cursor=cursor or None, ascending=True
+    )
+    out = []
+    for record in records.records:
+        run = instance.get_run_by_id(record.run_id)
+        if run is None or run.job_name != job_name or run.tags.get(WILL_RETRY_TAG) == "true":
+            continue
+        permanent: list[str] = []
+        for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE):
+            failure = entry.dagster_event.step_failure_data.user_failure_data
+            if failure is not None and PERMANENT_FAILURES in failure.metadata:
+                permanent.extend(json.loads(failure.metadata[PERMANENT_FAILURES].value))
+        materialized = {
+            (r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition)
+            for r in instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+        }
+        out.append(FailedBatch(run, frozenset(permanent), int(run.tags.get(ATTEMPT_TAG, "1")), frozenset(materialized)))
+    return out, records.cursor if records.records else cursor
+
+
+# --- change feed -> dataset batch runs ---------------------------------------------------------
 
 
 @sensor(
     name="change_feed_sensor",
-    target=AssetSelection.assets(*(source_key(s) for s in SOURCES), *(dataset_key(m) for m in MODES)),
+    jobs=[dataset_batch_job],
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "Consumes the change feed: registers new users, coalesces events per user and source, "
-        "and launches one run per user that re-materializes the changed sources and the "
-        "datasets of exactly the modes that read them."
+        "and launches dataset batch runs (up to users_per_run users each) that re-materialize "
+        "the changed sources and the datasets of exactly the modes that read them. Re-requests "
+        "the users of dataset runs that failed or died."
     ),
 )
 def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHome) -> SensorResult:
-    feed = lora_home.feed()
-    # Events up to the committed cursor had their runs recorded with it: the feed forgets them
+    settings = lora_home.settings()
+    state = _load(context.cursor)
+    feed = settings.feed()
+    # Events up to the committed cursor had their runs created with it: the feed forgets them
     # now. What this tick reads is acknowledged by the next tick, after this one is committed.
-    deliveries, cursor = feed.consume(context.cursor, FEED_BATCH)
-    if not deliveries:
-        return SensorResult(skip_reason=SkipReason("no new change events"), cursor=cursor)
-
-    store = lora_home.store()
+    deliveries, state["feed"] = feed.consume(state.get("feed"), FEED_BATCH)
+    store = settings.store()
     changed: dict[str, set[str]] = defaultdict(set)
     for delivery in deliveries:
         try:
@@ -102,119 +171,267 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
                     store.check_segment(event.user, event.source, event.seq)
         except (ValueError, OSError, InvalidRecord) as exc:
             feed.set_aside(delivery, str(exc))
-            context.log.error(f"change event {delivery.ref[:40]} set aside (dead letter): {exc}")
+            context.log.warning(f"change event {delivery.ref[:40]} set aside (dead letter): {exc}")
             continue
         for event in delivery.events:
             changed[event.user].add(event.source)
-    if not changed:
-        return SensorResult(skip_reason=SkipReason("only test or poison events"), cursor=cursor)
 
-    run_id_suffix = hashlib.sha256(cursor.encode()).hexdigest()[:16]
+    failed, state["failures"] = failed_batches(context.instance, DATASET_BATCH_JOB, state.get("failures"))
+    retries: list[tuple[FailedBatch, dict[str, set[str]]]] = []
+    for batch in failed:
+        lost = {
+            c["user"]: set(c["sources"]) for c in _config(batch.run, "rebuild_datasets")["users"]
+            if c["user"] not in batch.permanent
+            and not all(batch.done(dataset_key(m.name), c["user"]) for m in modes_reading(set(c["sources"])))
+        }
+        if lost and batch.attempt >= settings.max_attempts:
+            context.log.error(f"dataset run {batch.run.run_id} failed on attempt {batch.attempt}: "
+                              f"giving up on {', '.join(sorted(lost))} (quarantined; see that run's logs)")
+        elif lost:
+            retries.append((batch, lost))
+
+    cursor = json.dumps(state, sort_keys=True)
+    if not changed and not retries:
+        return SensorResult(skip_reason=SkipReason("no new change events"), cursor=cursor)
+
     known = context.instance.get_existing_dynamic_partitions(users_partitions.name, sorted(changed))
     new_users = sorted(set(changed) - set(known))  # one bounded query, however many users exist
-    run_requests = []
-    for user in sorted(changed):
-        sources = changed[user]
-        keys = [source_key(s) for s in sorted(sources)] + [dataset_key(m.name) for m in modes_reading(sources)]
-        run_requests.append(
-            RunRequest(
-                run_key=f"changes:{user}:{run_id_suffix}",
-                partition_key=user,
-                asset_selection=keys,
-                tags={"lora_assets/trigger": "change_feed", "lora_assets/sources": ",".join(sorted(sources))},
-            )
+    tick = _digest(state["feed"])
+    requests = [
+        _dataset_request(users, changed, f"changes:{tick}:{i}", {TRIGGER_TAG: "change_feed"})
+        for i, users in enumerate(_chunks(sorted(changed), settings.users_per_run))
+    ]
+    for batch, lost in retries:
+        requests.extend(
+            _dataset_request(users, lost, f"retry:{batch.run.run_id}:{i}",
+                             {TRIGGER_TAG: "retry", ATTEMPT_TAG: str(batch.attempt + 1), "lora_assets/retry_of": batch.run.run_id})
+            for i, users in enumerate(_chunks(sorted(lost), settings.users_per_run))
         )
+    for request in requests:
+        context.log.info(f"dataset run {request.run_key}: {request.tags[USERS_TAG]}")
     return SensorResult(
-        run_requests=run_requests,
+        run_requests=requests,
         dynamic_partitions_requests=[users_partitions.build_add_request(new_users)] if new_users else [],
         cursor=cursor,
     )
 
 
-def _dataset_version_tag(mode: str) -> str:
-    return f"lora_assets/dataset_version.{mode}"
+def _dataset_request(users: Sequence[str], sources: dict[str, set[str]], run_key: str, tags: dict) -> RunRequest:
+    return RunRequest(
+        job_name=DATASET_BATCH_JOB,
+        run_key=run_key,
+        run_config={"ops": {"rebuild_datasets": {"config": {
+            "users": [{"user": u, "sources": sorted(sources[u])} for u in users]
+        }}}},
+        tags={**tags, USERS_TAG: _users_tag(users), "lora_assets/batch_size": str(len(users))},
+    )
+
+
+def _config(run: DagsterRun, op_name: str) -> dict:
+    return run.run_config["ops"][op_name]["config"]
+
+
+# --- changed datasets -> adapter batch runs ----------------------------------------------------
+
+
+def trained_versions(instance: DagsterInstance, mode: str, partitions: Sequence[str]) -> dict[str, str]:
+    """Partition -> the dataset version its latest adapter was trained on (two indexed queries)."""
+    out = {}
+    for partition, record in latest_materializations(instance, adapter_key(mode), partitions).items():
+        trained_on = record.asset_materialization.metadata.get("dataset_version")
+        if trained_on is not None:
+            out[partition] = trained_on.value
+    return out
+
+
+def in_flight(instance: DagsterInstance) -> tuple[set[tuple[str, str, str, str]], int]:
+    """(base model, user, mode, dataset version) of every queued or running adapter batch, and
+    how many such runs there are (bounded by the queue, not by the users)."""
+    runs = instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES)))
+    items = set()
+    for run in runs:
+        config = _config(run, "train_adapters")
+        items.update((config["base_model"], i["user"], i["mode"], i.get("dataset_version", "")) for i in config["items"])
+    return items, len(runs)
 
 
 def adapter_is_current(instance: DagsterInstance, mode: str, partition: str, version: str) -> bool:
-    """True if the adapter was trained on (or a live run is training it on) this dataset version."""
-    latest = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=adapter_key(mode), asset_partitions=[partition]), limit=1
-    ).records
-    if latest:
-        meta = latest[0].asset_materialization.metadata
-        trained_on = meta.get("dataset_version")
-        if trained_on is not None and trained_on.value == version:
-            return True
-    live = instance.get_run_records(
-        RunsFilter(
-            tags={"dagster/partition": partition, _dataset_version_tag(mode): version},
-            statuses=list(NOT_FINISHED_STATUSES),
-        ),
-        limit=1,
-    )
-    return bool(live)
+    """True if the adapter was trained on (or a live batch run is training it on) this version."""
+    if trained_versions(instance, mode, [partition]).get(partition) == version:
+        return True
+    from lora_assets.orchestration.partitions import split_adapter_key
+
+    base, user = split_adapter_key(partition)
+    return (base, user, mode, version) in in_flight(instance)[0]
+
+
+@dataclass
+class _Pending:
+    """Adapters to train, grouped by base model: (user, mode) -> dataset version."""
+
+    items: dict[str, dict[tuple[str, str], str]]
+
+    @classmethod
+    def empty(cls) -> _Pending:
+        return cls(defaultdict(dict))
+
+    def add(self, base: str, user: str, mode: str, version: str) -> None:
+        self.items[base][(user, mode)] = version
+
+    def requests(self, users_per_run: int, key: str, tags: dict[str, str]) -> list[RunRequest]:
+        out = []
+        for base, work in sorted(self.items.items()):
+            users = sorted({u for u, _ in work})
+            for i, chunk in enumerate(_chunks(users, users_per_run)):
+                members = set(chunk)
+                items = [{"user": u, "mode": m, "dataset_version": v} for (u, m), v in sorted(work.items()) if u in members]
+                out.append(
+                    RunRequest(
+                        job_name=ADAPTER_BATCH_JOB,
+                        run_key=f"{key}:{base}:{i}:{_digest(items)}",
+                        run_config={"ops": {"train_adapters": {"config": {"base_model": base, "items": items}}}},
+                        tags={**tags, "lora_assets/base_model": base, USERS_TAG: _users_tag(chunk),
+                              "lora_assets/batch_size": str(len(chunk)),
+                              "lora_assets/modes": ",".join(sorted({i["mode"] for i in items}))},
+                    )
+                )
+        return out
 
 
 @sensor(
     name="adapter_retrain_sensor",
-    target=AssetSelection.assets(*(adapter_key(m) for m in MODES), *(published_key(m) for m in MODES)),
+    jobs=[adapter_batch_job],
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "Watches dataset materializations; when a user's dataset has a data version its adapters "
-        "were not trained on, launches one run per (base model, user) retraining those modes' "
-        "adapters (and publishing the ones that pass the eval gate) for every active base model. "
-        "Same content, no training."
+        "were not trained on, launches adapter batch runs (up to users_per_run users each, per "
+        "active base model) that retrain exactly those adapters and publish the ones that pass "
+        "the eval gate. Same content, no training. Also plans requested backfills and "
+        "re-requests the adapters of training runs that failed or died."
     ),
 )
-def adapter_retrain_sensor(context: SensorEvaluationContext) -> SensorResult:
+def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHome) -> SensorResult:
     instance = context.instance
-    cursor = json.loads(context.cursor) if context.cursor else {}
-    latest: dict[tuple[str, str], tuple[str, int]] = {}  # (user, mode) -> (version, storage id)
+    settings = lora_home.settings()
+    state = _load(context.cursor)
+    after: dict[str, int] = state.setdefault("datasets", {})
+    latest: dict[tuple[str, str], str] = {}  # (user, mode) -> newest dataset version this tick
     run_finished: dict[str, bool] = {}
     for mode in MODES:
         records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=dataset_key(mode), after_storage_id=cursor.get(mode)),
+            AssetRecordsFilter(asset_key=dataset_key(mode), after_storage_id=after.get(mode)),
             limit=DATASET_BATCH,
             ascending=True,
         ).records
         for record in records:
-            # Wait for the dataset run to finish, so all the datasets it rebuilds for a user
-            # lead to one adapter run rather than one per mode as they land.
+            # Wait for the dataset run to finish, so all the datasets it rebuilds lead to one
+            # adapter run per batch rather than one per mode as they land.
             if record.run_id not in run_finished:
                 run = instance.get_run_by_id(record.run_id)
                 run_finished[record.run_id] = run is None or run.is_finished
             if not run_finished[record.run_id]:
                 break
-            version = record.asset_materialization.tags.get(DATA_VERSION_TAG)
-            train_rows = record.asset_materialization.metadata.get("train_rows")
-            if train_rows is not None and train_rows.value == 0:
-                cursor[mode] = record.storage_id  # nothing to learn from yet: no adapter
-                continue
-            if record.partition_key and version:
-                latest[(record.partition_key, mode)] = (version, record.storage_id)
-            cursor[mode] = record.storage_id
-    if not latest:
-        return SensorResult(skip_reason=SkipReason("no new dataset materializations"), cursor=json.dumps(cursor))
+            after[mode] = record.storage_id
+            mat = record.asset_materialization
+            if record.partition_key and mat.tags.get(DATA_VERSION_TAG) and _train_rows(mat):
+                latest[(record.partition_key, mode)] = mat.tags[DATA_VERSION_TAG]
+            else:
+                latest.pop((record.partition_key, mode), None)  # nothing to learn from (yet): no adapter
 
+    flying, queued = in_flight(instance)
     bases = active_base_models(instance)
-    todo: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (base, user) -> {mode: version}
-    newest: dict[str, int] = {}  # user -> storage id of their newest dataset event this tick
-    for (user, mode), (version, storage_id) in sorted(latest.items()):
-        newest[user] = max(newest.get(user, 0), storage_id)
+    pending = _Pending.empty()
+    for mode in MODES:
+        users = sorted(u for u, m in latest if m == mode)
         for base in bases:
-            partition = str(adapter_partition_key(base, user))
-            if not adapter_is_current(instance, mode, partition, version):
-                todo[(base, user)][mode] = version
-    # The run key names the triggering event, not the version: a dataset that returns to an
-    # older version must still retrain. Duplicates are stopped by adapter_is_current instead.
-    run_requests = [
-        RunRequest(
-            run_key=f"retrain:{base}|{user}:{newest[user]}",
-            partition_key=str(adapter_partition_key(base, user)),
-            asset_selection=[k for m in sorted(modes) for k in (adapter_key(m), published_key(m))],
-            tags={"lora_assets/trigger": "dataset_changed", **{_dataset_version_tag(m): v for m, v in modes.items()}},
+            partitions = {str(adapter_partition_key(base, u)): u for u in users}
+            trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
+            for partition, user in partitions.items():
+                version = latest[(user, mode)]
+                if trained.get(partition) != version and (base, user, mode, version) not in flying:
+                    pending.add(base, user, mode, version)
+    tick = _digest(after)
+    requests = pending.requests(settings.users_per_run, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
+
+    failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
+    for batch in failed:
+        config = _config(batch.run, "train_adapters")
+        base = config["base_model"]
+        lost = _Pending.empty()
+        for item in config["items"]:
+            partition = str(adapter_partition_key(base, item["user"]))
+            if f"{item['mode']}|{partition}" in batch.permanent or batch.done(published_key(item["mode"]), partition):
+                continue
+            lost.add(base, item["user"], item["mode"], item["dataset_version"])
+        if not lost.items:
+            continue
+        names = sorted(f"{m}|{base}|{u}" for u, m in lost.items[base])
+        if batch.attempt >= settings.max_attempts:
+            context.log.error(f"training run {batch.run.run_id} failed on attempt {batch.attempt}: giving up on "
+                              f"{', '.join(names)} (quarantined; see that run's logs)")
+            continue
+        requests.extend(lost.requests(settings.users_per_run, f"retry:{batch.run.run_id}", {
+            TRIGGER_TAG: "retry", ATTEMPT_TAG: str(batch.attempt + 1), "lora_assets/retry_of": batch.run.run_id,
+        }))
+
+    room = MAX_QUEUED_TRAINING_RUNS - queued - len(requests)
+    backfills = state.setdefault("backfills", {})
+    for backfill_id, request in sorted(backfill_requests(instance).items()):
+        if room <= 0:
+            break
+        if backfills.get(backfill_id) == "done":
+            continue
+        planned, backfills[backfill_id], skipped = plan_backfill_page(
+            instance, request["base_model"], backfills.get(backfill_id), room * settings.users_per_run, flying
         )
-        for (base, user), modes in sorted(todo.items())
-    ]
-    return SensorResult(run_requests=run_requests, cursor=json.dumps(cursor))
+        if skipped:
+            context.log.info(f"backfill {backfill_id}: skipped (no training data) {skipped}")
+        new = planned.requests(settings.users_per_run, f"backfill:{backfill_id}:{_digest(backfills[backfill_id])}",
+                               {TRIGGER_TAG: "backfill", BACKFILL_TAG: backfill_id, "dagster/priority": "-1"})
+        requests.extend(new)
+        room -= len(new)
+
+    cursor = json.dumps(state, sort_keys=True)
+    if not requests:
+        return SensorResult(skip_reason=SkipReason("no new dataset versions to train"), cursor=cursor)
+    for request in requests:
+        context.log.info(f"training run {request.run_key}: {request.tags['lora_assets/base_model']} "
+                         f"{request.tags['lora_assets/modes']} for {request.tags[USERS_TAG]}")
+    return SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _train_rows(materialization) -> int:
+    rows = materialization.metadata.get("train_rows")
+    return int(rows.value) if rows is not None else 0
+
+
+def plan_backfill_page(
+    instance: DagsterInstance, base: str, after: str | None, max_users: int, flying: set = frozenset()
+) -> tuple[_Pending, str, dict[str, int]]:
+    """The next page of a backfill: (user, mode)s with training data not yet trained on ``base``.
+
+    Returns the work, the new position ("done" at the end) and, per mode, how many users of the
+    page were skipped for having no training data for it. Cost: one page of users plus two
+    indexed queries per mode, however many users exist.
+    """
+    page = instance.event_log_storage.get_paginated_dynamic_partitions(
+        users_partitions.name, limit=max_users, ascending=True, cursor=after or None
+    )
+    pending, skipped = _Pending.empty(), {}
+    users = list(page.results)
+    for mode in MODES:
+        with_data = {
+            u: r.asset_materialization.tags[DATA_VERSION_TAG]
+            for u, r in latest_materializations(instance, dataset_key(mode), users).items()
+            if _train_rows(r.asset_materialization) and DATA_VERSION_TAG in r.asset_materialization.tags
+        }
+        skipped[mode] = len(users) - len(with_data)
+        partitions = {str(adapter_partition_key(base, u)): u for u in with_data}
+        trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
+        for partition, user in partitions.items():
+            version = with_data[user]
+            if trained.get(partition) != version and (base, user, mode, version) not in flying:
+                pending.add(base, user, mode, version)
+    position = page.cursor if page.has_more else "done"
+    return pending, position, {m: n for m, n in skipped.items() if n}

@@ -6,6 +6,7 @@ for debugging a sensor against a real instance without running the daemon.
 
 from dagster import (
     DagsterInstance,
+    Definitions,
     SensorDefinition,
     build_sensor_context,
     partition_loading_context,
@@ -16,11 +17,13 @@ from lora_assets.orchestration.resources import LoraAssetsHome
 
 
 def evaluate_tick(
-    sensor: SensorDefinition, instance: DagsterInstance, lora_home: LoraAssetsHome, cursor: str | None
+    sensor: SensorDefinition,
+    instance: DagsterInstance,
+    lora_home: LoraAssetsHome,
+    cursor: str | None,
+    defs: Definitions,
 ) -> SensorExecutionData:
     """One tick through ``evaluate_tick`` (target and partition-key checks included)."""
-    from lora_assets.definitions import defs
-
     ctx = build_sensor_context(
         instance=instance,
         instance_ref=instance.get_ref(),

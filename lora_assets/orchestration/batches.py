@@ -1,0 +1,201 @@
+"""Batch runs: many users' datasets, or many users' adapters, in one run.
+
+The sensors and ``lora-assets backfill`` launch these instead of one run per user: a run pays a
+process start, a code-location load, a torch import and a base-model load, which cost far more
+than training one small adapter. Each run lists exactly the (user, mode)s that changed, never a
+range of users, and records per partition the events a one-partition asset run records
+(``recording.py``), so the UI's partition view, check history and the sensors see no difference.
+
+Failure isolation: a user whose data is bad, or whose adapter fails the gate, is recorded as
+failed on its own partitions; the others are trained, published and recorded as usual. The run
+then fails, listing the failed partitions in the failure's metadata, which is how the sensors
+tell a failure that will not go away (bad data, a failed gate) from lost work (a killed or
+crashed run) that must be requested again.
+"""
+
+
+import json
+
+from dagster import (
+    Config,
+    Failure,
+    JobDefinition,
+    OpExecutionContext,
+    job,
+    op,
+)
+
+from lora_assets.data.schemas import InvalidRecord
+from lora_assets.datasets import refresh_dataset
+from lora_assets.modes import get_mode, modes_reading
+from lora_assets.orchestration import metadata as md
+from lora_assets.orchestration import recording
+from lora_assets.orchestration.assets import (
+    GATE_CHECK,
+    TRAINING_POOL,
+    adapter_key,
+    dataset_key,
+    outcome_meta,
+    progress_logger,
+    published_key,
+    source_key,
+    source_metadata,
+)
+from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
+from lora_assets.orchestration.partitions import adapter_partition_key, adapter_partitions
+from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.pipeline import AdapterWork, publish, source_state, train_and_gate
+
+DATASET_BATCH_JOB = "dataset_batch"
+ADAPTER_BATCH_JOB = "adapter_batch"
+TRAINING_TAG = "lora_assets/training"  # on every training batch run; the run queue limits it
+PERMANENT_FAILURES = "permanent_failures"  # Failure metadata: work that must not be retried
+
+
+class UserChanges(Config):
+    user: str
+    sources: list[str]  # the sources that changed; their modes' datasets are rebuilt
+
+
+class DatasetBatch(Config):
+    users: list[UserChanges]
+
+
+class AdapterItem(Config):
+    user: str
+    mode: str
+    dataset_version: str = ""  # the version the sensor saw (the run trains whatever is current)
+
+
+class AdapterBatch(Config):
+    base_model: str
+    items: list[AdapterItem]
+
+
+@op(
+    name="rebuild_datasets",
+    description="Re-materializes the changed sources of every listed user and the datasets of the modes that read them.",
+)
+def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_home: LoraAssetsHome) -> None:
+    settings = lora_home.settings()
+    store, datasets = settings.store(), settings.datasets()
+    plans = {c.user: (sorted(set(c.sources)), modes_reading(set(c.sources))) for c in config.users}
+    recording.plan(
+        context,
+        [(source_key(s), u) for u, (sources, _) in plans.items() for s in sources]
+        + [(dataset_key(m.name), u) for u, (_, modes) in plans.items() for m in modes],
+    )
+    failed: dict[str, str] = {}
+    permanent: list[str] = []
+    for user, (sources, modes) in plans.items():
+        try:
+            for source in sources:
+                state = source_state(store, user, source)
+                recording.materialize(context, source_key(source), user, state.fingerprint, source_metadata(state))
+            for mode in modes:
+                refreshed = refresh_dataset(store, datasets, mode, user)
+                recording.materialize(
+                    context, dataset_key(mode.name), user, refreshed.version, md.dataset_metadata(refreshed),
+                    inputs=[(source_key(s), user) for s in mode.sources],
+                )
+                context.log.info(f"{mode.name}/{user}: {refreshed.report.how} build, "
+                                 f"{refreshed.report.changed_records} records reduced, {len(refreshed.df)} rows")
+        except InvalidRecord as exc:
+            failed[user] = str(exc)
+            permanent.append(user)
+            context.log.error(f"{user}: datasets not rebuilt: {exc}")
+        except Exception as exc:  # storage errors and the like: lost work, requested again
+            failed[user] = f"{type(exc).__name__}: {exc}"
+            context.log.error(f"{user}: datasets not rebuilt ({type(exc).__name__}): {exc}")
+    if failed:
+        raise Failure(
+            description=f"datasets not rebuilt for {len(failed)} of {len(plans)} users: "
+            + "; ".join(f"{u}: {e}" for u, e in sorted(failed.items())),
+            metadata={PERMANENT_FAILURES: json.dumps(sorted(permanent))},
+        )
+
+
+@op(
+    name="train_adapters",
+    pool=TRAINING_POOL,
+    description=(
+        "Trains the listed users' adapters of one base model (loaded once, fused where possible), "
+        "gates each, and publishes those that pass."
+    ),
+)
+def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_home: LoraAssetsHome) -> None:
+    settings = lora_home.settings()
+    threads = use_run_threads(settings)
+    base_model = config.base_model
+    works = [AdapterWork(base_model, i.user, get_mode(i.mode).name) for i in config.items]
+    partition = {w: str(adapter_partition_key(base_model, w.user)) for w in works}
+    recording.plan(
+        context,
+        [(k(w.mode), partition[w]) for w in works for k in (adapter_key, published_key)],
+        [(adapter_key(w.mode), GATE_CHECK, partition[w], adapter_partitions) for w in works],
+    )
+    context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
+                     f"fused {settings.fuse} at a time, {threads} torch threads")
+    base = loaded_base_model(base_model, settings.home)
+    outcomes = train_and_gate(settings, base, works, progress=progress_logger(context), log=context.log.info)
+
+    permanent, lost = [], []
+    for outcome in outcomes:
+        w, key = outcome.work, partition[outcome.work]
+        label = f"{w.mode}|{key}"
+        if outcome.error:
+            permanent.append(label)
+            context.log.error(f"[{w.name}] not trained: {outcome.error}")
+            continue
+        plain = outcome_meta(outcome)
+        recording.materialize(
+            context, adapter_key(w.mode), key, plain["sha256"], md.adapter_metadata(plain),
+            inputs=[(dataset_key(w.mode), w.user)],
+        )
+        recording.check(context, adapter_key(w.mode), GATE_CHECK, key, outcome.gate.passed,
+                        md.gate_metadata(outcome.gate))
+        if not outcome.gate.passed:
+            permanent.append(label)
+            continue
+        try:
+            published = publish(settings, w)
+        except Exception as exc:  # the drive is unreachable: lost work, requested again
+            lost.append(label)
+            context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
+            continue
+        from lora_assets.drive.publish import adapter_prefix
+
+        recording.materialize(
+            context, published_key(w.mode), key, published.version,
+            md.publish_metadata(published, adapter_prefix(w.user, base_model, w.mode)),
+            inputs=[(adapter_key(w.mode), key)],
+        )
+        context.log.info(f"[{w.name}] published {published.version} (flipped: {published.flipped})")
+    if permanent or lost:
+        raise Failure(
+            description=f"{len(permanent) + len(lost)} of {len(works)} adapters not published: "
+            + ", ".join(sorted(permanent + lost)),
+            metadata={PERMANENT_FAILURES: json.dumps(sorted(permanent))},
+        )
+
+
+@job(
+    name=DATASET_BATCH_JOB,
+    description="Rebuilds the changed sources and datasets of a batch of users (launched by change_feed_sensor).",
+    tags={"lora_assets/kind": "datasets"},
+)
+def dataset_batch_job() -> None:
+    rebuild_datasets()
+
+
+@job(
+    name=ADAPTER_BATCH_JOB,
+    description="Trains, gates and publishes a batch of users' adapters on one base model "
+    "(launched by adapter_retrain_sensor and lora-assets backfill).",
+    tags={"lora_assets/kind": "adapters", TRAINING_TAG: "true"},
+)
+def adapter_batch_job() -> None:
+    train_adapter_batch()
+
+
+BATCH_JOBS: list[JobDefinition] = [dataset_batch_job, adapter_batch_job]

@@ -1,0 +1,173 @@
+"""The work behind every partition, the same on every path that launches it. No dagster here.
+
+A partition is computed by the same functions whether a one-partition asset run (UI, Dagster
+backfill) or a batch run of many users (sensors, ``lora-assets backfill``) asks for it:
+
+- ``source_state``: a user's records of one source, fingerprinted (the source's data version);
+- ``refresh_dataset`` (``lora_assets.datasets``): a mode's dataset, rebuilt incrementally;
+- ``train_and_gate``: adapters for many (base model, user, mode), trained on one loaded base
+  (fused where possible) and each put through the eval gate;
+- ``publish``: a passed adapter to the user's drive.
+
+Each returns plain values; the Dagster layer turns them into materializations and check
+evaluations. Torch is imported only by the functions that train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_assets.data.user_store import UserStore, table_fingerprint
+from lora_assets.modes import get_mode
+from lora_assets.settings import Settings
+
+if TYPE_CHECKING:
+    from lora_assets.drive.publish import PublishResult
+    from lora_assets.gate import GateResult
+    from lora_assets.training import LoadedBaseModel, TrainJob, TrainResult
+
+
+@dataclass(frozen=True)
+class SourceState:
+    records: int
+    log_head: int  # sequence number of the newest store segment
+    fingerprint: str  # content hash of the current records: the source's data version
+
+
+def source_state(store: UserStore, user: str, source: str) -> SourceState:
+    table, head = store.read_at_head(user, source)
+    return SourceState(table.num_rows, head, table_fingerprint(table))
+
+
+@dataclass(frozen=True)
+class AdapterWork:
+    """One adapter to (re)train: a partition of ``<mode>/adapter``."""
+
+    base_model: str
+    user: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.base_model}|{self.user}/{self.mode}"
+
+
+@dataclass
+class AdapterOutcome:
+    work: AdapterWork
+    folder: Path  # the working copy: trained adapter + gate verdict
+    dataset_version: str | None = None
+    result: TrainResult | None = None
+    gate: GateResult | None = None
+    error: str | None = None  # why nothing was trained (no or unusable data): permanent for this version
+
+
+def adapter_folder(settings: Settings, work: AdapterWork) -> Path:
+    from lora_assets.adapters import adapter_dir
+
+    return adapter_dir(settings.home, work.base_model, work.user, work.mode)
+
+
+def train_and_gate(
+    settings: Settings,
+    base: LoadedBaseModel,
+    works: Sequence[AdapterWork],
+    progress: Callable[[str, int, int, float, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[AdapterOutcome]:
+    """Train every adapter of ``works`` (all on ``base``) and evaluate each one's gate.
+
+    A work whose dataset is missing, empty or unusable gets an ``error`` and is not trained; the
+    others are unaffected. Jobs are trained in fused groups of ``settings.fuse``.
+    """
+    from lora_assets.adapters import job_for
+    from lora_assets.datasets import content_hash, read_dataset
+    from lora_assets.gate import evaluate_gate
+    from lora_assets.training import InvalidTrainingData, train_adapters, validate_job
+
+    datasets, drive = settings.datasets(), settings.drive()
+    outcomes = [AdapterOutcome(w, adapter_folder(settings, w)) for w in works]
+    jobs: list[tuple[AdapterOutcome, TrainJob]] = []
+    for outcome in outcomes:
+        w = outcome.work
+        if w.base_model != base.ref.key:
+            raise ValueError(f"{w.name}: asked for base model {w.base_model}, loaded {base.ref.key}")
+        mode = get_mode(w.mode)
+        found = read_dataset(datasets, w.user, w.mode)
+        if found is None:
+            outcome.error = f"no {w.mode} dataset for user {w.user!r}: materialize {w.mode}/dataset first"
+            continue
+        df, _state = found
+        outcome.dataset_version = content_hash(df)
+        job = job_for(
+            mode, w.user, df, outcome.folder, steps=settings.train_steps or None,
+            metadata={"dataset_version": outcome.dataset_version},
+        )
+        try:
+            validate_job(job)
+        except InvalidTrainingData as exc:
+            outcome.error = str(exc)
+            continue
+        jobs.append((outcome, job))
+    for outcome in outcomes:
+        if outcome.error:
+            log(f"[{outcome.work.name}] not trained: {outcome.error}")
+    if jobs:
+        results = train_adapters([j for _, j in jobs], base, progress=progress, fuse=settings.fuse)
+        for (outcome, job), result in zip(jobs, results):
+            outcome.result = result
+            outcome.gate = evaluate_gate(
+                base, job, result, drive, outcome.work.user, outcome.work.mode,
+                settings.gate_margin, settings.gate_tolerance,
+            )
+            log(f"[{outcome.work.name}] gate {'passed' if outcome.gate.passed else 'FAILED'}: {outcome.gate.reason}")
+    return outcomes
+
+
+def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:
+    """Publish the working copy of ``work`` if its gate passed; None when it did not."""
+    from lora_assets.drive.publish import publish_adapter
+    from lora_assets.gate import read_gate
+
+    folder = adapter_folder(settings, work)
+    gate = read_gate(folder)
+    if gate is None or not gate.passed:
+        return None
+    return publish_adapter(settings.drive(), work.user, work.base_model, work.mode, folder, keep=settings.keep_versions)
+
+
+def adapter_metadata(result: TrainResult, dataset_version: str) -> dict[str, Any]:
+    """What an adapter materialization records (plain values, floats rounded for reading)."""
+    weights = Path(result.output_dir) / "adapter_model.safetensors"
+    improvement = (
+        result.base_eval_loss - result.adapter_eval_loss
+        if result.base_eval_loss is not None and result.adapter_eval_loss is not None
+        else None
+    )
+    return {
+        "base_model": result.base_model,
+        "base_model_revision": result.base_model_revision,
+        "base_eval_loss": _round(result.base_eval_loss),
+        "adapter_eval_loss": _round(result.adapter_eval_loss),
+        "eval_loss_improvement": _round(improvement),
+        "final_train_loss": _round(result.loss_curve[-1]),
+        "loss_curve": result.loss_curve,
+        **{k: _round(v) for k, v in result.extra_metrics.items()},  # DPO: accuracy/margin before, after
+        "steps": result.steps,
+        "train_tokens": result.train_tokens,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "train_seconds": round(result.seconds, 2),
+        "fused_with": result.fused_with,
+        "size_bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "dataset_version": dataset_version,  # what the adapter sensor compares against
+        "path": str(result.output_dir),
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)

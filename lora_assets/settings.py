@@ -1,0 +1,151 @@
+"""Every knob of a deployment in one place, read from the environment when asked (no Dagster).
+
+The plain CLI verbs (``ingest``, ``sync``, ``feed``, ``status``) and the Dagster resource build
+their storage through the same ``Settings``: the embedded default (folders and a SQLite feed
+under ``$LORA_ASSETS_HOME``) or the scale-out backend (S3 user store, datasets and drives, an
+SQS change feed) when ``LORA_ASSETS_BACKEND=s3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lora_assets.paths import data_home
+
+# Field -> environment variable. Defaults are the dataclass defaults below.
+ENV_VARS: dict[str, str] = {
+    "home": "LORA_ASSETS_HOME",
+    "backend": "LORA_ASSETS_BACKEND",
+    "s3_bucket": "LORA_ASSETS_S3_BUCKET",
+    "s3_endpoint_url": "LORA_ASSETS_S3_ENDPOINT_URL",
+    "region": "AWS_REGION",
+    "sqs_queue_url": "LORA_ASSETS_SQS_QUEUE_URL",
+    "sqs_dead_letter_url": "LORA_ASSETS_SQS_DLQ_URL",
+    "drive_root": "LORA_ASSETS_DRIVE_ROOT",
+    "keep_versions": "LORA_ASSETS_KEEP_VERSIONS",
+    "gate_margin": "LORA_ASSETS_GATE_MARGIN",
+    "gate_tolerance": "LORA_ASSETS_GATE_TOLERANCE",
+    "train_steps": "LORA_ASSETS_TRAIN_STEPS",
+    "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
+    "fuse": "LORA_ASSETS_FUSE",
+    "torch_threads": "LORA_ASSETS_TORCH_THREADS",
+    "max_attempts": "LORA_ASSETS_MAX_ATTEMPTS",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A deployment's settings; ``Settings.from_env()`` reads ``ENV_VARS`` over these defaults."""
+
+    home: Path = Path(".lora_assets")  # data dir: base-model cache, local stores, adapter working copies
+    backend: str = "local"  # "local" (folders + SQLite feed) or "s3" (S3 stores + SQS feed)
+    s3_bucket: str = ""
+    s3_endpoint_url: str = ""  # an S3-compatible store or a local test server; also used for SQS
+    region: str = "us-east-1"
+    sqs_queue_url: str = ""
+    sqs_dead_letter_url: str = ""
+    drive_root: str = ""  # local backend: users' drives; empty means <home>/drive
+    keep_versions: int = 3  # published versions kept per adapter
+    gate_margin: float = 0.01  # publish only if held-out loss beats the base model's by this (nats)
+    gate_tolerance: float = 0.0  # ... and is at most this much worse than the published version's
+    train_steps: int = 0  # steps per adapter; 0: each mode's own budget
+    users_per_run: int = 16  # users a sensor or backfill puts in one dataset or adapter run
+    fuse: int = 8  # adapters trained in one fused group (one pass per step through the base)
+    torch_threads: int = 0  # torch threads of a training run; 0: every core the run is given
+    max_attempts: int = 3  # times a lost (crashed, killed) piece of work is requested before it is quarantined
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the environment, then explicit ``overrides`` (None means "not set")."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_VARS[f.name], "")
+            if f.name == "region" and not raw:
+                raw = env.get("AWS_DEFAULT_REGION", "")
+            if raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None and v != ""})
+        if "home" not in values:
+            values["home"] = data_home()
+        values["home"] = Path(values["home"]).expanduser().resolve()
+        values["home"].mkdir(parents=True, exist_ok=True)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.backend not in ("local", "s3"):
+            raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
+        for name in ("users_per_run", "fuse", "keep_versions", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    # --- storage ----------------------------------------------------------------------------
+
+    def s3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        if not self.s3_bucket:
+            raise ValueError("backend 's3' needs a bucket: set LORA_ASSETS_S3_BUCKET")
+        return boto3.client(
+            "s3", endpoint_url=self.s3_endpoint_url or None, region_name=self.region,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        )
+
+    def _objects(self, prefix: str, local: Path):
+        from lora_assets.storage import LocalObjectStore, S3ObjectStore
+
+        if self.backend == "s3":
+            return S3ObjectStore(self.s3_client(), self.s3_bucket, prefix)
+        return LocalObjectStore(local)
+
+    def drive(self):
+        """Users' drives: ``<drive_root>/<user>/...`` locally, ``s3://bucket/drive/<user>/...``."""
+        return self._objects("drive", Path(self.drive_root).expanduser() if self.drive_root else self.home / "drive")
+
+    def datasets(self):
+        """Per-mode datasets: ``<home>/datasets/`` locally, ``s3://bucket/datasets/`` on S3."""
+        return self._objects("datasets", self.home / "datasets")
+
+    def store(self):
+        """The user store: ``<home>/users/`` locally, ``s3://bucket/users/`` on S3."""
+        from lora_assets.data.user_store import UserStore
+
+        return UserStore(self._objects("users", self.home / "users"))
+
+    def feed(self):
+        """The change feed: SQLite in the data dir, or S3 notifications on SQS."""
+        if self.backend == "s3":
+            import boto3
+
+            from lora_assets.data.sqs_feed import SqsChangeFeed
+
+            if not (self.sqs_queue_url and self.sqs_dead_letter_url):
+                raise ValueError("backend 's3' needs LORA_ASSETS_SQS_QUEUE_URL and LORA_ASSETS_SQS_DLQ_URL")
+            client = boto3.client("sqs", endpoint_url=self.s3_endpoint_url or None, region_name=self.region)
+            return SqsChangeFeed(client, self.sqs_queue_url, self.sqs_dead_letter_url, key_prefix="users")
+        from lora_assets.data.change_feed import ChangeFeed
+
+        return ChangeFeed(self.home / "change_feed.sqlite")
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_VARS[f.name]}={raw!r} is not a valid {kind}") from None
+    return raw

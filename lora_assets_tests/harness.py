@@ -1,0 +1,159 @@
+"""A real Dagster daemon for end-to-end tests and benchmarks: started, watched, stopped.
+
+``dagster-daemon run`` on the project's workspace.yaml against its own DAGSTER_HOME and data
+dir, in its own process group (so stopping it stops its code server and run workers too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+
+from lora_assets.data.ingest import ingest
+from lora_assets.modes import modes_reading
+from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
+from lora_assets.orchestration.registry import backfill_requests
+from lora_assets.settings import Settings
+
+PROJECT = Path(__file__).resolve().parents[1]
+SETTLE_TIMEOUT_S = 420
+
+
+class Daemon:
+    """The daemon and everything it needs, plus helpers to wait and to read runs."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        base_models: Path,
+        env: Mapping[str, str] | None = None,
+        instance_yaml: str | None = None,
+    ) -> None:
+        self.dagster_home = tmp / "dagster_home"
+        self.dagster_home.mkdir(parents=True)
+        if instance_yaml is None:
+            shutil.copy(PROJECT / "dagster.yaml", self.dagster_home / "dagster.yaml")
+        else:
+            (self.dagster_home / "dagster.yaml").write_text(instance_yaml)
+        self.data = tmp / "data"
+        self.data.mkdir()
+        (self.data / "base_models").symlink_to(base_models, target_is_directory=True)
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.dagster_home),
+            "LORA_ASSETS_HOME": str(self.data),
+            "LORA_ASSETS_SENSOR_INTERVAL_S": "1",
+            "LORA_ASSETS_TRAIN_STEPS": "3",
+            # Gate on "better than base"; retrains of a few steps may tie the published version.
+            "LORA_ASSETS_GATE_MARGIN": "0.0",
+            "LORA_ASSETS_GATE_TOLERANCE": "1.0",
+            **(env or {}),
+        }
+        self.instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(self.dagster_home)))
+        self.settings = Settings.from_env(self.env)  # what the daemon and its runs see
+        self.log_path = tmp / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = self.log_path.open("a")
+        daemon = Path(sys.executable).with_name("dagster-daemon")
+        self.proc = subprocess.Popen(
+            [str(daemon), "run", "-w", str(PROJECT / "workspace.yaml")],
+            cwd=PROJECT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+            self.log.close()
+            self.proc = None
+        self.instance.dispose()
+
+    def ingest(self, user: str, source: str, records: list[dict]) -> None:
+        ingest(self.settings.store(), self.settings.feed(), user, source, records)
+
+    def runs(self) -> list:
+        return [r.dagster_run for r in self.instance.get_run_records()]
+
+    def pending_events(self) -> int:
+        feed = self.settings.feed()
+        return feed.pending_count() if hasattr(feed, "pending_count") else 0
+
+    def settle(self, quiet_s: float = 12.0, allow_failures: bool = False) -> list:
+        """Wait until the feed is drained, no run is live, backfills are planned, and no new run
+        appeared for ``quiet_s``."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        seen, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            assert self.proc is None or self.proc.poll() is None, f"the daemon died; see {self.log_path}"
+            runs = self.runs()
+            busy = any(r.status in NOT_FINISHED_STATUSES for r in runs) or self.pending_events()
+            if len(runs) != seen or busy or self.backfill_planning():
+                seen, quiet_since = len(runs), time.monotonic()
+            elif time.monotonic() - quiet_since > quiet_s:
+                if not allow_failures:
+                    failed = [r.run_id for r in runs if r.status == DagsterRunStatus.FAILURE]
+                    assert not failed, f"failed runs: {failed}; see {self.log_path}"
+                return runs
+            time.sleep(1)
+        raise AssertionError(f"did not settle in {SETTLE_TIMEOUT_S}s; runs: {[(r.run_id, r.status) for r in self.runs()]}")
+
+    def backfill_planning(self) -> bool:
+        """True while a requested backfill is not fully planned by the adapter sensor."""
+        requested = backfill_requests(self.instance)
+        if not requested:
+            return False
+        cursors = [s.instigator_data.cursor for s in self.instance.all_instigator_state()
+                   if s.name == "adapter_retrain_sensor" and s.instigator_data]
+        planned = json.loads(cursors[0]).get("backfills", {}) if cursors and cursors[0] else {}
+        return any(planned.get(b) != "done" for b in requested)
+
+    def new_runs(self, before: list, **kw) -> list:
+        known = {r.run_id for r in before}
+        return [r for r in self.settle(**kw) if r.run_id not in known]
+
+
+def adapter_runs(runs: list) -> dict[str, set[str]]:
+    """partition -> adapter assets trained over the given batch runs; each (partition, adapter) once."""
+    out: dict[str, set[str]] = {}
+    for run in runs:
+        if run.job_name != ADAPTER_BATCH_JOB:
+            continue
+        config = run.run_config["ops"]["train_adapters"]["config"]
+        for item in config["items"]:
+            partition = f"{config['base_model']}|{item['user']}"
+            trained = out.setdefault(partition, set())
+            adapter = f"{item['mode']}/adapter"
+            assert adapter not in trained, f"{partition}: {adapter} trained twice"
+            trained.add(adapter)
+    return out
+
+
+def dataset_runs(runs: list) -> dict[str, set[str]]:
+    """user -> source and dataset assets rebuilt over the given batch runs."""
+    out: dict[str, set[str]] = {}
+    for run in runs:
+        if run.job_name != DATASET_BATCH_JOB:
+            continue
+        for change in run.run_config["ops"]["rebuild_datasets"]["config"]["users"]:
+            keys = out.setdefault(change["user"], set())
+            keys.update(f"sources/{s}" for s in change["sources"])
+            keys.update(f"{m.name}/dataset" for m in modes_reading(set(change["sources"])))
+    return out
