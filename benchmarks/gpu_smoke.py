@@ -26,7 +26,7 @@ out = Path(os.environ.get("OUT", "/tmp/out"))
 jobs = []
 for name in ("mail_reply", "tone_rewrite"):
     mode = MODES[name]
-    df = build_examples(mode, tables, "user-000")
+    df = build_examples(mode, tables)
     jobs.append(replace(job_for(mode, "user-000", df, out / name, steps=30), learning_rate=1e-2))
 probe = torch.tensor([[1, 520, 33, 4097, 12, 88, 9000, 2]], device=base.device)
 logits = {}

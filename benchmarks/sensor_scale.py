@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from lora_assets.data.ingest import ingest
+from lora_assets.definitions import defs
 from lora_assets.orchestration.assets import dataset_key
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
@@ -31,7 +32,7 @@ from lora_assets.orchestration.ticks import evaluate_tick
 
 def tick(sensor, instance: DagsterInstance, resources: LoraAssetsHome, cursor: str | None):
     start = time.perf_counter()
-    result = evaluate_tick(sensor, instance, resources, cursor)
+    result = evaluate_tick(sensor, instance, resources, cursor, defs)
     return time.perf_counter() - start, result
 
 
@@ -48,7 +49,8 @@ def measure(n_users: int, n_events: int) -> tuple[float, float, int, int]:
         for user in changed:
             ingest(store, feed, user, "mail", [{"id": "m1", "sender": "Sam", "subject": "Hi", "body": "Hi?", "reply": "Hey!"}])
             instance.report_runless_asset_event(
-                AssetMaterialization(dataset_key("mail_reply"), partition=user, tags={"dagster/data_version": f"v-{user}"})
+                AssetMaterialization(dataset_key("mail_reply"), partition=user, metadata={"train_rows": 1},
+                                     tags={"dagster/data_version": f"v-{user}"})
             )
         change_s, change = tick(change_feed_sensor, instance, resources, None)
         adapter_s, adapter = tick(adapter_retrain_sensor, instance, resources, None)
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100)
     args = parser.parse_args()
 
-    print(f"{'users':>8}  {'change tick':>12}  {'adapter tick':>12}  {'runs':>10}")
+    print(f"{'users':>8}  {'change tick':>12}  {'adapter tick':>12}  {'batch runs':>10}")
     rows = []
     for n in args.users:
         change_s, adapter_s, change_runs, adapter_runs = measure(n, args.events)

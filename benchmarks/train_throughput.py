@@ -11,8 +11,8 @@ measured fp32 GEMM peak on this machine.
 
 Then, for each K of ``--fused``: K users' mail_reply adapters trained by ``train_adapters``
 sequentially (``fuse=1``: peft's own LoRA layers, one job after another) and fused (``fuse=K``:
-every step of all K jobs in one fused group), on the same jobs, alternating for ``--rounds``
-rounds after a warm-up. Printed per K: training-loop tokens/s and fraction of the GEMM peak of
+every step of all K jobs in one fused group), on the same jobs, for ``--rounds`` rounds after a
+warm-up, alternating which goes first. Printed per K: training-loop tokens/s and fraction of the GEMM peak of
 both, adapters per hour of the whole call (evaluation and saving included), and fused/sequential.
 """
 
@@ -111,7 +111,7 @@ def main() -> None:
 
     base = load_base_model(args.base_model)
     mode = MODES["mail_reply"]
-    dataset = build_examples(mode, generate_user("user-000"), "user-000")
+    dataset = build_examples(mode, generate_user("user-000"))
     job = job_for(mode, "user-000", dataset, output_dir=Path("unused"), steps=args.steps)
     tokenized = [tokenize_example(base.tokenizer, ex, job.max_length) for ex in job.train]
     batches = make_batches(tokenized, job.batch_size, args.steps + 1, job.seed, base.tokenizer.pad_token_id)
@@ -149,7 +149,7 @@ def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: floa
     """K users' adapters, sequential vs fused, same jobs, alternating rounds after a warm-up."""
     mode = MODES["mail_reply"]
     users = [f"user-{i:03d}" for i in range(max(ks))]
-    datasets = {u: build_examples(mode, generate_user(u), u) for u in users}
+    datasets = {u: build_examples(mode, generate_user(u)) for u in users}
     print(f"\nfused vs sequential: mail_reply adapters of K users, {steps} steps each, batch 8 x <=128 tokens, "
           f"{rounds} alternating rounds")
     print(f"{'K':>3}  {'sequential tok/s':>16} {'peak':>6}  {'fused tok/s':>11} {'peak':>6}  "
@@ -162,8 +162,9 @@ def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: floa
             jobs = [job_for(mode, u, datasets[u], Path(tmp) / u, steps=steps) for u in users[:k]]
             flops = sum(job_flops(base, j) for j in jobs)
             totals = {"sequential": [0.0, 0.0, 0.0], "fused": [0.0, 0.0, 0.0]}  # tokens, loop s, wall s
-            for _ in range(rounds):
-                for name, fuse in (("sequential", 1), ("fused", k)):
+            for r in range(rounds):
+                order = (("sequential", 1), ("fused", k))
+                for name, fuse in order if r % 2 == 0 else order[::-1]:  # neither always goes first
                     out = [replace(j, output_dir=Path(tmp) / name / j.name) for j in jobs]
                     start = time.perf_counter()
                     results = train_adapters(out, base, progress=None, fuse=fuse)

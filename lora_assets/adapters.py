@@ -1,11 +1,16 @@
 """Glue from a mode's dataset to a training job, and where adapters live. No dagster here.
 
-The CLI and the Dagster assets both train through ``jobs_for``/``train_adapters`` so there is
-one path from a dataset table to an adapter folder.
+Every retrain is planned here: a full training from scratch, or an incremental update that
+continues from the user's published adapter (``plan_update``). The Dagster assets, the batch
+runs and the benchmarks all build their jobs through ``job_for``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,72 @@ def pairs_from(dataset: pd.DataFrame, split: str) -> list[PreferencePair]:
     ]
 
 
+FULL, INCREMENTAL = "full", "incremental"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How an adapter is (re)trained this time, and why (recorded on the adapter)."""
+
+    path: str  # FULL (from scratch, on every training example) or INCREMENTAL
+    reason: str
+    train_ids: tuple[str, ...]  # the training examples this run trains on
+    streak: int = 0  # incremental updates in a row, this one included
+    warm_start_version: str | None = None  # the published version an update continues from
+
+
+def example_fingerprints(dataset: pd.DataFrame) -> dict[str, str]:
+    """Training example id -> a hash of its content: what an adapter was trained on."""
+    rows = dataset[dataset["split"] == "train"]
+    return {
+        r.example_id: hashlib.sha256(json.dumps([r.system, r.prompt, r.response, r.rejected]).encode()).hexdigest()[:16]
+        for r in rows.itertuples(index=False)
+    }
+
+
+def plan_update(
+    mode: Mode, dataset: pd.DataFrame, previous: dict[str, Any] | None, base_revision: str, seed: int = 0
+) -> TrainingPlan:
+    """Full retrain or incremental update, from what the published adapter was trained on.
+
+    ``previous`` is the published adapter's ``lora_assets.json`` (None when nothing is published).
+    """
+    current = example_fingerprints(dataset)
+    everything = tuple(sorted(current))
+    if previous is None:
+        return TrainingPlan(FULL, "first training", everything)
+    if previous.get("base_model_revision") != base_revision:
+        return TrainingPlan(FULL, "the base model changed", everything)
+    if previous.get("lora") != _lora_json(mode):
+        return TrainingPlan(FULL, "the mode's LoRA settings changed", everything)
+    trained = previous.get("trained_examples")
+    if not isinstance(trained, dict):
+        return TrainingPlan(FULL, "the published adapter does not say what it was trained on", everything)
+    deleted = sorted(set(trained) - set(current))
+    if deleted:
+        return TrainingPlan(FULL, f"{len(deleted)} record(s) it was trained on are gone: retrained without them", everything)
+    fresh = sorted(i for i, h in current.items() if trained.get(i) != h)
+    change = len(fresh) / max(1, len(current))
+    policy = mode.update
+    if change > policy.max_change:
+        return TrainingPlan(FULL, f"large change: {len(fresh)} of {len(current)} examples new or changed", everything)
+    streak = int(previous.get("incremental_streak", 0)) + 1
+    if streak > policy.max_streak:
+        return TrainingPlan(FULL, f"{policy.max_streak} incremental updates in a row", everything)
+    rest = sorted(set(current) - set(fresh))
+    replay = random.Random(f"{seed}:{len(current)}").sample(rest, min(len(rest), max(policy.min_replay, round(policy.replay * len(fresh)))))
+    return TrainingPlan(
+        INCREMENTAL, f"{len(fresh)} of {len(current)} examples new or changed, {len(replay)} replayed",
+        tuple(sorted(fresh + replay)), streak, previous.get("version"),
+    )
+
+
+def _lora_json(mode: Mode) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(mode.lora)))
+
+
 def job_for(
     mode: Mode,
     user: str,
@@ -47,18 +118,39 @@ def job_for(
     steps: int | None = None,
     warm_start_from: Path | None = None,
     metadata: dict[str, Any] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> TrainJob:
-    """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table."""
+    """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table.
+
+    Without a ``plan``: a full training on every training example. ``steps`` fixes the step
+    budget (tests, benchmarks); otherwise the mode's budget (or its update budget) decides.
+    """
     rows = pairs_from if mode.objective.pairwise else examples_from
+    train = rows(dataset, "train")
+    plan = plan or TrainingPlan(FULL, "full training", tuple(e.id for e in train))
+    if plan.path == INCREMENTAL:
+        chosen = set(plan.train_ids)
+        train = [e for e in train if e.id in chosen]
     return TrainJob(
         name=f"{user}/{mode.name}",
-        train=rows(dataset, "train"),
+        train=train,
         eval=rows(dataset, "eval"),
         objective=mode.objective,
         output_dir=Path(output_dir),
         lora=mode.lora,
-        max_steps=steps if steps is not None else mode.train_steps,
+        max_steps=steps,
+        budget=mode.update.budget if plan.path == INCREMENTAL else mode.budget,
         seed=0,
         warm_start_from=warm_start_from,
-        metadata={"user": user, "mode": mode.name, **(metadata or {})},
+        metadata={
+            "user": user,
+            "mode": mode.name,
+            "training": plan.path,
+            "training_reason": plan.reason,
+            "incremental_streak": plan.streak,
+            "warm_start_version": plan.warm_start_version,
+            "examples_trained": len(train),
+            "trained_examples": example_fingerprints(dataset),
+            **(metadata or {}),
+        },
     )

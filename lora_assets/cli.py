@@ -47,7 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_dataset_batch(instance, {u: sources for u in users}, resources)
     print(f"run adapter_batch: {len(users) * len(modes)} adapters on {args.base_model}", flush=True)
     result = run_adapter_batch(instance, args.base_model, [(u, m.name) for u in users for m in modes], resources)
-    events = {(m.asset_key.to_user_string(), m.partition): m for m in _materializations(result)}
+    events = {(m.asset_key.to_user_string(), m.partition): m for m in _materializations(instance, result.run_id)}
     rows = []
     for user in users:
         partition = f"{args.base_model}|{user}"
@@ -73,8 +73,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _materializations(result) -> list:
-    return [e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization]
+def _materializations(instance, run_id: str) -> list:
+    """The asset materializations a run recorded (also those of a run that failed in part)."""
+    from dagster import DagsterEventType
+
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+    return [r.event_log_entry.asset_materialization for r in records]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -115,9 +119,11 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print(f"{mode}: {old or '(none)'} -> {new}")
     for mode, version in report.unchanged:
         print(f"{mode}: {version} (up to date)")
+    for mode, version, damage in report.repaired:
+        print(f"{mode}: {version} (repaired: the installed copy was damaged: {damage})")
     for mode, reason in report.failed:
         print(f"error: {mode}: kept the installed version: {reason}", file=sys.stderr)
-    if not (report.changed or report.unchanged or report.failed):
+    if not (report.changed or report.unchanged or report.repaired or report.failed):
         print(f"nothing published for user {args.user!r} on {args.base_model}")
     return 0 if report.ok else 1
 
@@ -144,15 +150,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from lora_assets.settings import Settings
 
     settings = Settings.from_env()
-    result = ingest_file(settings.store(), settings.feed(), args.user, args.source, Path(args.file))
+    result = ingest_file(settings.store(), settings.feed(), args.user, args.source, Path(args.file), settings.limits())
     w = result.write
-    if result.event_id is None:
+    if not result.announced:
         print(f"{args.file}: nothing to ingest")
     else:
-        print(
-            f"user {w.user} {w.source}: {w.upserts} upserts, {w.deletes} deletes -> "
-            f"store segment {w.seq}, change event {result.event_id}"
-        )
+        how = f"change event {result.event_id}" if result.event_id is not None else "announced by the bucket's S3 notification"
+        print(f"user {w.user} {w.source}: {w.upserts} upserts, {w.deletes} deletes -> store segment {w.seq}, {how}")
     return 0
 
 
@@ -295,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, KeyError, BaseModelError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, BaseModelError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow as pa
@@ -22,9 +22,9 @@ from lora_assets.data.user_store import OP_DELETE, UserStore, validate_user_id
 from lora_assets.modes import (
     DATASET_COLUMNS,
     Mode,
-    build_examples,
     context_for,
     examples_for_records,
+    examples_from_tables,
 )
 from lora_assets.storage import ObjectStore, PreconditionFailed
 
@@ -34,10 +34,12 @@ DATASET_SCHEMA = pa.schema([(c, pa.string()) for c in DATASET_COLUMNS])
 
 @dataclass(frozen=True)
 class DatasetState:
-    """Which inputs a dataset reflects: the primary log position and context fingerprints."""
+    """Which inputs a dataset reflects (primary log position, context fingerprints), and which
+    stored records of the primary source it could not use (id -> why), kept across builds."""
 
     primary_seq: int
     context_fingerprints: dict[str, str]
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class BuildReport:
     how: str  # "full" or "incremental"
     changed_records: int  # primary records reduced over (all of them on a full build)
     rows: int
+    skipped: dict[str, str] = field(default_factory=dict)  # unusable records in the dataset's source
 
 
 def dataset_object_key(user: str, mode: str) -> str:
@@ -65,8 +68,8 @@ def full_build(store: UserStore, mode: Mode, user: str) -> tuple[pd.DataFrame, D
     """The dataset from the current state of every source the mode reads."""
     primary, seq = store.read_at_head(user, mode.primary)
     tables = {mode.primary: primary, **{s: store.read(user, s) for s in mode.context}}
-    df = build_examples(mode, tables, user)
-    return df, DatasetState(seq, _context_fingerprints(store, mode, user))
+    built = examples_from_tables(mode, tables)
+    return built.df, DatasetState(seq, _context_fingerprints(store, mode, user), built.skipped)
 
 
 def build_dataset(
@@ -83,25 +86,26 @@ def build_dataset(
             except LookupError:
                 pass  # compacted past our position: fall through to a full build
             else:
-                df = _apply_changes(mode, user, old_df, changes, store)
-                report = BuildReport("incremental", changes.num_rows, len(df))
-                return df, DatasetState(head, ctx_fps), report
+                df, skipped = _apply_changes(mode, user, old_df, old_state.skipped, changes, store)
+                report = BuildReport("incremental", changes.num_rows, len(df), skipped)
+                return df, DatasetState(head, ctx_fps, skipped), report
     df, state = full_build(store, mode, user)
-    return df, state, BuildReport("full", len(df), len(df))
+    return df, state, BuildReport("full", len(df), len(df), state.skipped)
 
 
 def _apply_changes(
-    mode: Mode, user: str, old: pd.DataFrame, changes: pa.Table, store: UserStore
-) -> pd.DataFrame:
+    mode: Mode, user: str, old: pd.DataFrame, old_skipped: dict[str, str], changes: pa.Table, store: UserStore
+) -> tuple[pd.DataFrame, dict[str, str]]:
     if not changes.num_rows:
-        return old
+        return old, old_skipped
     touched = set(changes["id"].to_pylist())
     upserts = changes.filter(pc.not_equal(changes["_op"], OP_DELETE)).drop_columns(["_op"])
     ctx = context_for(mode, {s: store.read(user, s) for s in mode.context})
-    fresh = examples_for_records(mode, ctx, upserts.to_pylist(), user)
+    fresh = examples_for_records(mode, ctx, upserts.to_pylist())
     kept = old[~old["example_id"].isin(touched)]
-    df = pd.concat([kept, fresh], ignore_index=True) if len(fresh) else kept
-    return df.sort_values("example_id", kind="stable").reset_index(drop=True)[list(DATASET_COLUMNS)]
+    df = pd.concat([kept, fresh.df], ignore_index=True) if len(fresh.df) else kept
+    skipped = {**{i: why for i, why in old_skipped.items() if i not in touched}, **fresh.skipped}
+    return df.sort_values("example_id", kind="stable").reset_index(drop=True)[list(DATASET_COLUMNS)], skipped
 
 
 def _context_fingerprints(store: UserStore, mode: Mode, user: str) -> dict[str, str]:
@@ -110,7 +114,8 @@ def _context_fingerprints(store: UserStore, mode: Mode, user: str) -> dict[str, 
 
 def _encode(df: pd.DataFrame, state: DatasetState) -> bytes:
     table = pa.Table.from_pandas(df[list(DATASET_COLUMNS)], schema=DATASET_SCHEMA, preserve_index=False)
-    meta = {_STATE_KEY: json.dumps({"primary_seq": state.primary_seq, "context": state.context_fingerprints}).encode()}
+    meta = {_STATE_KEY: json.dumps({"primary_seq": state.primary_seq, "context": state.context_fingerprints,
+                                    "skipped": state.skipped}).encode()}
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata(meta), sink)
     return sink.getvalue().to_pybytes()
@@ -120,7 +125,7 @@ def _decode(data: bytes) -> tuple[pd.DataFrame, DatasetState]:
     table = pq.read_table(pa.BufferReader(data))
     raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
     df = table.replace_schema_metadata(None).to_pandas()
-    return df, DatasetState(raw["primary_seq"], raw["context"])
+    return df, DatasetState(raw["primary_seq"], raw["context"], raw.get("skipped", {}))
 
 
 def write_dataset(objects: ObjectStore, user: str, mode: str, df: pd.DataFrame, state: DatasetState) -> str:

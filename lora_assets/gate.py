@@ -2,8 +2,10 @@
 worse than what the user's devices already run. No dagster here; the asset check reports it.
 
 The loss is the held-out response loss for SFT modes and the held-out DPO loss for DPO modes
-(the base scores ln 2 there). Both comparisons use the *new* held-out set: the published adapter is evaluated on it too, so a
-regression is measured on the same data, not on numbers from different eval sets.
+(the base scores ln 2 there). Both comparisons use the *new* held-out set: the published adapter
+is evaluated on it too, so a regression is measured on the same data, not on numbers from
+different eval sets. The tolerance is relative (a fraction of the published adapter's loss), so
+one setting fits base models whose losses differ by a factor of ten.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ def decide(
         return False, "no held-out examples to evaluate on"
     if adapter_loss > base_loss - margin:
         return False, f"adapter {adapter_loss:.4f} does not beat base {base_loss:.4f} by {margin}"
-    if published_loss is not None and adapter_loss > published_loss + tolerance:
-        return False, f"adapter {adapter_loss:.4f} regresses against published {published_loss:.4f} (+{tolerance})"
+    if published_loss is not None and adapter_loss > published_loss * (1 + tolerance):
+        return False, (f"adapter {adapter_loss:.4f} regresses against published {published_loss:.4f} "
+                       f"by more than {tolerance:.1%}")
     return True, f"adapter {adapter_loss:.4f} < base {base_loss:.4f} - {margin}" + (
-        f" and <= published {published_loss:.4f} + {tolerance}" if published_loss is not None else ""
+        f" and within {tolerance:.1%} of published {published_loss:.4f}" if published_loss is not None else ""
     )
 
 

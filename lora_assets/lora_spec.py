@@ -1,7 +1,8 @@
-"""LoRA settings, torch-free so mode declarations can carry them without importing torch."""
+"""LoRA settings and step budgets, torch-free so mode declarations can carry them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -26,3 +27,17 @@ class LoraSpec:
             bias="none",
             task_type="CAUSAL_LM",
         )
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """How long an adapter trains: ``epochs`` passes over its training examples, kept within
+    ``[min_steps, max_steps]`` so that a user with 20 examples is not trained for a dozen epochs
+    nor one with 1,000 for a fraction of one. Chosen from ``benchmarks/incremental.py``."""
+
+    epochs: float = 2.0
+    min_steps: int = 10
+    max_steps: int = 120
+
+    def steps(self, n_examples: int, batch_size: int) -> int:
+        return min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * n_examples / batch_size)))

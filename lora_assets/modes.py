@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lora_assets.data.schemas import SOURCES, InvalidRecord
-from lora_assets.lora_spec import LoraSpec
+from lora_assets.lora_spec import LoraSpec, StepBudget
 from lora_assets.objective import DPO, SFT, Objective
 
 Record = Mapping[str, Any]
@@ -67,6 +67,24 @@ PairBuilder = Callable[[list[Record], Context], list[PairDraft]]
 
 
 @dataclass(frozen=True)
+class UpdatePolicy:
+    """When a retrain may continue from the user's published adapter instead of starting over.
+
+    An update warm-starts from the published adapter and trains on the new and changed examples
+    plus a replay sample of the others, for ``budget`` steps. It applies only while the change
+    is small and the base model and LoRA settings are the ones the adapter was trained with; a
+    deletion, a large change, ``max_streak`` updates in a row, or an update that fails the eval
+    gate means a full retrain from scratch. Defaults chosen from ``benchmarks/incremental.py``.
+    """
+
+    max_change: float = 0.2  # share of training examples new or changed, at most
+    max_streak: int = 3  # incremental updates in a row before a full retrain
+    replay: float = 3.0  # unchanged examples replayed per new or changed one
+    min_replay: int = 16
+    budget: StepBudget = field(default_factory=lambda: StepBudget(epochs=2.0, min_steps=4, max_steps=40))
+
+
+@dataclass(frozen=True)
 class Mode:
     """One behaviour of the base model, learned per user."""
 
@@ -78,9 +96,11 @@ class Mode:
     context: tuple[str, ...] = ()  # sources consulted while building every example
     objective: Objective = SFT()  # a pairwise objective (DPO) builds with build_pairs instead
     build_pairs: PairBuilder | None = None
+    check: Callable[[Record], None] | None = None  # raises InvalidRecord for a record build_pairs cannot use
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
-    train_steps: int = 30
+    budget: StepBudget = field(default_factory=StepBudget)  # a full (re)training
+    update: UpdatePolicy = field(default_factory=lambda: UpdatePolicy())  # when and how to update incrementally
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -155,18 +175,29 @@ def _photo_caption(rec: Record, ctx: Context) -> ExampleDraft | None:
     return ExampleDraft(prompt="\n".join(lines), response=rec["caption"])
 
 
+def _tone_rewrite_check(rec: Record) -> None:
+    """A feedback record tone_rewrite can pair (feedback on other modes is simply not its own)."""
+    if rec.get("mode") not in (None, "tone_rewrite"):
+        return
+    _require(rec, "prompt", "suggestion", "outcome")
+    if rec["outcome"] not in ("accepted", "rejected", "edited"):
+        raise InvalidRecord(f"record {rec['id']!r}: unknown outcome {rec['outcome']!r}")
+    if rec["outcome"] == "edited":
+        _require(rec, "edit")
+
+
 def _tone_rewrite_pairs(records: list[Record], ctx: Context) -> list[PairDraft]:
     """An edit beats the suggestion it edited; an accepted suggestion beats a rejected one for
-    the same prompt (each rejected one paired with an accepted one, in id order)."""
+    the same prompt (each rejected one paired with the first three accepted ones, in id order).
+
+    Pairs are stable as feedback arrives: a new record only adds pairs (ids grow), so a pair
+    disappears only when a record it was made of is deleted, and an adapter that learned from
+    it is then retrained without it.
+    """
     by_prompt: dict[str, dict[str, list[Record]]] = {}
     for rec in sorted(records, key=lambda r: r["id"]):
         if rec.get("mode") not in (None, "tone_rewrite"):
             continue
-        _require(rec, "prompt", "suggestion", "outcome")
-        if rec["outcome"] not in ("accepted", "rejected", "edited"):
-            raise InvalidRecord(f"record {rec['id']!r}: unknown outcome {rec['outcome']!r}")
-        if rec["outcome"] == "edited":
-            _require(rec, "edit")
         by_prompt.setdefault(rec["prompt"], {}).setdefault(rec["outcome"], []).append(rec)
     pairs = []
     for prompt, groups in sorted(by_prompt.items()):
@@ -174,10 +205,10 @@ def _tone_rewrite_pairs(records: list[Record], ctx: Context) -> list[PairDraft]:
             if rec["edit"].strip() != rec["suggestion"].strip():
                 pairs.append(PairDraft(f"{rec['id']}:edit", prompt, rec["edit"], rec["suggestion"]))
         accepted, rejected = groups.get("accepted", []), groups.get("rejected", [])
-        for i, rej in enumerate(rejected if accepted else []):
-            acc = accepted[i % len(accepted)]
-            if acc["suggestion"].strip() != rej["suggestion"].strip():
-                pairs.append(PairDraft(f"{acc['id']}>{rej['id']}", prompt, acc["suggestion"], rej["suggestion"]))
+        for rej in rejected:
+            for acc in accepted[:3]:
+                if acc["suggestion"].strip() != rej["suggestion"].strip():
+                    pairs.append(PairDraft(f"{acc['id']}>{rej['id']}", prompt, acc["suggestion"], rej["suggestion"]))
     return pairs
 
 
@@ -221,6 +252,7 @@ MODES: dict[str, Mode] = {
             primary="feedback",
             build=None,
             build_pairs=_tone_rewrite_pairs,
+            check=_tone_rewrite_check,
             objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
         ),
@@ -247,27 +279,46 @@ def get_mode(name: str) -> Mode:
 DATASET_COLUMNS = ("example_id", "system", "prompt", "response", "rejected", "split")
 
 
-def build_examples(mode: Mode, tables: Mapping[str, pa.Table], user: str = "") -> pd.DataFrame:
-    """The mode's full dataset for one user: one row per usable primary record, sorted by id.
+@dataclass(frozen=True)
+class Examples:
+    """A mode's dataset rows, and the stored records it could not use (id -> why)."""
 
-    A malformed record raises ``InvalidRecord`` naming the user and the record id.
+    df: pd.DataFrame
+    skipped: dict[str, str]
+
+
+def build_examples(mode: Mode, tables: Mapping[str, pa.Table]) -> pd.DataFrame:
+    """The mode's full dataset for one user: one row per usable primary record, sorted by id."""
+    return examples_from_tables(mode, tables).df
+
+
+def examples_from_tables(mode: Mode, tables: Mapping[str, pa.Table]) -> Examples:
+    """The mode's full dataset for one user, and the records skipped as unusable.
+
+    A record the mode cannot use (say a mail without a body, written around ingest's checks)
+    is skipped and reported, never a failure of the user's whole dataset.
     """
     ctx = context_for(mode, tables)
     primary = tables.get(mode.primary)
     records = primary.to_pylist() if primary is not None else []
-    if mode.objective.pairwise:
+    if not mode.objective.pairwise:
+        return examples_for_records(mode, ctx, records)
+    usable, skipped = [], {}
+    for rec in records:
         try:
-            drafts = mode.build_pairs(records, ctx)
+            if mode.check is not None:
+                mode.check(rec)
         except InvalidRecord as exc:
-            raise InvalidRecord(f"user {user!r}, mode {mode.name!r}, {mode.primary} {exc}") from None
-        rows = [
-            {"example_id": d.id, "system": mode.system, "prompt": d.prompt, "response": d.chosen,
-             "rejected": d.rejected, "split": mode.split_of(d.id)}
-            for d in drafts
-        ]
-        df = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
-        return df.sort_values("example_id", kind="stable").reset_index(drop=True)
-    return examples_for_records(mode, ctx, records, user)
+            skipped[rec["id"]] = str(exc)
+            continue
+        usable.append(rec)
+    rows = [
+        {"example_id": d.id, "system": mode.system, "prompt": d.prompt, "response": d.chosen,
+         "rejected": d.rejected, "split": mode.split_of(d.id)}
+        for d in mode.build_pairs(usable, ctx)
+    ]
+    df = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+    return Examples(df.sort_values("example_id", kind="stable").reset_index(drop=True), skipped)
 
 
 def context_for(mode: Mode, tables: Mapping[str, pa.Table]) -> Context:
@@ -275,27 +326,25 @@ def context_for(mode: Mode, tables: Mapping[str, pa.Table]) -> Context:
     return Context({s: tables[s].to_pandas() for s in mode.context if s in tables})
 
 
-def examples_for_records(
-    mode: Mode, ctx: Context, records: list[dict[str, Any]], user: str = ""
-) -> pd.DataFrame:
+def examples_for_records(mode: Mode, ctx: Context, records: list[dict[str, Any]]) -> Examples:
     """Dataset rows for some primary records (records as Arrow gives them: None for nulls)."""
-    rows = []
-    if records:
-        for rec in records:
-            try:
-                draft = mode.build(rec, ctx)
-            except InvalidRecord as exc:
-                raise InvalidRecord(f"user {user!r}, mode {mode.name!r}, {mode.primary} {exc}") from None
-            if draft is not None:
-                rows.append(
-                    {
-                        "example_id": rec["id"],
-                        "system": mode.system,
-                        "prompt": draft.prompt,
-                        "response": draft.response,
-                        "rejected": "",
-                        "split": mode.split_of(rec["id"]),
-                    }
-                )
+    rows, skipped = [], {}
+    for rec in records:
+        try:
+            draft = mode.build(rec, ctx)
+        except InvalidRecord as exc:
+            skipped[rec["id"]] = str(exc)
+            continue
+        if draft is not None:
+            rows.append(
+                {
+                    "example_id": rec["id"],
+                    "system": mode.system,
+                    "prompt": draft.prompt,
+                    "response": draft.response,
+                    "rejected": "",
+                    "split": mode.split_of(rec["id"]),
+                }
+            )
     df = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
-    return df.sort_values("example_id", kind="stable").reset_index(drop=True)
+    return Examples(df.sort_values("example_id", kind="stable").reset_index(drop=True), skipped)

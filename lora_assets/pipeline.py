@@ -16,6 +16,8 @@ evaluations. Torch is imported only by the functions that train.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class AdapterOutcome:
     result: TrainResult | None = None
     gate: GateResult | None = None
     error: str | None = None  # why nothing was trained (no or unusable data): permanent for this version
+    training: dict[str, Any] | None = None  # how it was trained: full or incremental, why, on how many examples
 
 
 def adapter_folder(settings: Settings, work: AdapterWork) -> Path:
@@ -77,14 +80,17 @@ def train_and_gate(
     base: LoadedBaseModel,
     works: Sequence[AdapterWork],
     progress: Callable[[str, int, int, float, float], None] | None = None,
-    log: Callable[[str], None] = print,
+    on_outcome: Callable[[AdapterOutcome], None] | None = None,
 ) -> list[AdapterOutcome]:
     """Train every adapter of ``works`` (all on ``base``) and evaluate each one's gate.
 
-    A work whose dataset is missing, empty or unusable gets an ``error`` and is not trained; the
-    others are unaffected. Jobs are trained in fused groups of ``settings.fuse``.
+    Each adapter is planned (``plan_update``): a full training, or an incremental update that
+    continues from the user's published adapter; an update that fails the gate is trained again
+    in full, in the same call. A work whose dataset is missing, empty or unusable gets an
+    ``error`` and is not trained; the others are unaffected. Jobs are trained in fused groups of
+    ``settings.fuse``; each outcome goes to ``on_outcome`` as soon as it is final.
     """
-    from lora_assets.adapters import job_for
+    from lora_assets.adapters import FULL, INCREMENTAL, TrainingPlan, job_for, plan_update
     from lora_assets.datasets import content_hash, read_dataset
     from lora_assets.gate import evaluate_gate
     from lora_assets.training import InvalidTrainingData, train_adapters, validate_job
@@ -92,6 +98,7 @@ def train_and_gate(
     datasets, drive = settings.datasets(), settings.drive()
     outcomes = [AdapterOutcome(w, adapter_folder(settings, w)) for w in works]
     jobs: list[tuple[AdapterOutcome, TrainJob]] = []
+    tables: dict[int, Any] = {}
     for outcome in outcomes:
         w = outcome.work
         if w.base_model != base.ref.key:
@@ -103,8 +110,11 @@ def train_and_gate(
             continue
         df, _state = found
         outcome.dataset_version = content_hash(df)
+        published = published_adapter(settings, drive, w)
+        plan = plan_update(mode, df, published[1] if published else None, base.ref.revision)
         job = job_for(
-            mode, w.user, df, outcome.folder, steps=settings.train_steps or None,
+            mode, w.user, df, outcome.folder, steps=settings.train_steps or None, plan=plan,
+            warm_start_from=published[0] if plan.path == INCREMENTAL else None,
             metadata={"dataset_version": outcome.dataset_version},
         )
         try:
@@ -113,19 +123,67 @@ def train_and_gate(
             outcome.error = str(exc)
             continue
         jobs.append((outcome, job))
-    for outcome in outcomes:
-        if outcome.error:
-            log(f"[{outcome.work.name}] not trained: {outcome.error}")
-    if jobs:
-        results = train_adapters([j for _, j in jobs], base, progress=progress, fuse=settings.fuse)
-        for (outcome, job), result in zip(jobs, results):
-            outcome.result = result
-            outcome.gate = evaluate_gate(
-                base, job, result, drive, outcome.work.user, outcome.work.mode,
-                settings.gate_margin, settings.gate_tolerance,
+        tables[id(outcome)] = df
+    if on_outcome is not None:
+        for outcome in outcomes:
+            if outcome.error:
+                on_outcome(outcome)
+    by_job = {id(job): outcome for outcome, job in jobs}
+    retrain: list[tuple[AdapterOutcome, TrainJob]] = []
+
+    def gate(job: TrainJob, result: TrainResult) -> None:
+        outcome = by_job[id(job)]
+        outcome.result = result
+        outcome.training = {k: job.metadata[k] for k in TRAINING_KEYS if job.metadata.get(k) is not None}
+        outcome.gate = evaluate_gate(
+            base, job, result, drive, outcome.work.user, outcome.work.mode,
+            settings.gate_margin, settings.gate_tolerance,
+        )
+        if not outcome.gate.passed and job.metadata.get("training") == INCREMENTAL:
+            why = f"the incremental update failed the eval gate ({outcome.gate.reason}): retrained in full"
+            full = job_for(
+                get_mode(outcome.work.mode), outcome.work.user, tables[id(outcome)], outcome.folder,
+                steps=settings.train_steps or None, metadata={"dataset_version": outcome.dataset_version},
+                plan=TrainingPlan(FULL, why, ()),
             )
-            log(f"[{outcome.work.name}] gate {'passed' if outcome.gate.passed else 'FAILED'}: {outcome.gate.reason}")
+            by_job[id(full)] = outcome
+            retrain.append((outcome, full))
+            return
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    if jobs:
+        train_adapters([j for _, j in jobs], base, progress=progress, fuse=settings.fuse, on_saved=gate)
+    if retrain:
+        train_adapters([j for _, j in retrain], base, progress=progress, fuse=settings.fuse, on_saved=gate)
     return outcomes
+
+
+def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Path, dict[str, Any]] | None:
+    """The user's published adapter (what their devices run), downloaded and verified into the
+    data dir, and its ``lora_assets.json``; None when nothing (usable) is published."""
+    from lora_assets.drive.publish import CorruptVersion, adapter_prefix, current_manifest, fetch_verified
+
+    try:
+        manifest = current_manifest(drive, work.user, work.base_model, work.mode)
+        if manifest is None:
+            return None
+        folder = settings.home / "published" / work.base_model / work.user / work.mode / manifest["version"]
+        if not (folder / "lora_assets.json").exists():
+            files = fetch_verified(drive, adapter_prefix(work.user, work.base_model, work.mode), manifest)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = folder.with_name(f".{folder.name}.tmp")
+            tmp.mkdir(exist_ok=True)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            for old in folder.parent.iterdir():  # keep only the current version's copy
+                if old.name != tmp.name and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(folder)
+        meta = json.loads((folder / "lora_assets.json").read_text())
+    except (CorruptVersion, FileNotFoundError, ValueError, KeyError):
+        return None  # a damaged published version: train from scratch, and publish a good one
+    return folder, {**meta, "version": manifest["version"]}
 
 
 def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:
@@ -140,7 +198,10 @@ def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:
     return publish_adapter(settings.drive(), work.user, work.base_model, work.mode, folder, keep=settings.keep_versions)
 
 
-def adapter_metadata(result: TrainResult, dataset_version: str) -> dict[str, Any]:
+TRAINING_KEYS = ("training", "training_reason", "examples_trained", "incremental_streak", "warm_start_version")
+
+
+def adapter_metadata(result: TrainResult, dataset_version: str, training: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an adapter materialization records (plain values, floats rounded for reading)."""
     weights = Path(result.output_dir) / "adapter_model.safetensors"
     improvement = (
@@ -165,6 +226,7 @@ def adapter_metadata(result: TrainResult, dataset_version: str) -> dict[str, Any
         "size_bytes": weights.stat().st_size,
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "dataset_version": dataset_version,  # what the adapter sensor compares against
+        **(training or {}),  # full or incremental, and why
         "path": str(result.output_dir),
     }
 

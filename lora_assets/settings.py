@@ -35,6 +35,11 @@ ENV_VARS: dict[str, str] = {
     "fuse": "LORA_ASSETS_FUSE",
     "torch_threads": "LORA_ASSETS_TORCH_THREADS",
     "max_attempts": "LORA_ASSETS_MAX_ATTEMPTS",
+    "max_record_bytes": "LORA_ASSETS_MAX_RECORD_BYTES",
+    "max_field_chars": "LORA_ASSETS_MAX_FIELD_CHARS",
+    "max_list_items": "LORA_ASSETS_MAX_LIST_ITEMS",
+    "max_depth": "LORA_ASSETS_MAX_DEPTH",
+    "staged_grace_s": "LORA_ASSETS_STAGED_GRACE_S",
 }
 
 
@@ -52,12 +57,17 @@ class Settings:
     drive_root: str = ""  # local backend: users' drives; empty means <home>/drive
     keep_versions: int = 3  # published versions kept per adapter
     gate_margin: float = 0.01  # publish only if held-out loss beats the base model's by this (nats)
-    gate_tolerance: float = 0.0  # ... and is at most this much worse than the published version's
+    gate_tolerance: float = 0.02  # ... and is at most this fraction worse than the published version's
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
-    users_per_run: int = 16  # users a sensor or backfill puts in one dataset or adapter run
+    users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
     fuse: int = 8  # adapters trained in one fused group (one pass per step through the base)
     torch_threads: int = 0  # torch threads of a training run; 0: every core the run is given
     max_attempts: int = 3  # times a lost (crashed, killed) piece of work is requested before it is quarantined
+    max_record_bytes: int = 64 * 1024  # ingest: one JSONL line
+    max_field_chars: int = 16 * 1024  # ingest: one text field
+    max_list_items: int = 64  # ingest: items of a list field (people, tags, attendees)
+    max_depth: int = 3  # ingest: JSON nesting (record object, list, string)
+    staged_grace_s: float = 60.0  # a change staged this long by an ingest that died is announced anyway
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -82,7 +92,8 @@ class Settings:
     def validate(self) -> None:
         if self.backend not in ("local", "s3"):
             raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
-        for name in ("users_per_run", "fuse", "keep_versions", "max_attempts"):
+        for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
+                     "max_field_chars", "max_list_items", "max_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
 
@@ -136,7 +147,13 @@ class Settings:
             return SqsChangeFeed(client, self.sqs_queue_url, self.sqs_dead_letter_url, key_prefix="users")
         from lora_assets.data.change_feed import ChangeFeed
 
-        return ChangeFeed(self.home / "change_feed.sqlite")
+        return ChangeFeed(self.home / "change_feed.sqlite", staged_grace_s=self.staged_grace_s)
+
+    def limits(self):
+        """What ingest accepts (``lora_assets.data.schemas.Limits``)."""
+        from lora_assets.data.schemas import Limits
+
+        return Limits(self.max_record_bytes, self.max_field_chars, self.max_list_items, self.max_depth)
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,27 +45,57 @@ class ObjectStore(Protocol):
 
 
 class LocalObjectStore:
-    """Objects as files under a root folder."""
+    """Objects as files under a root folder.
+
+    Writes go to a temp file under ``<root>/.tmp/`` first (same filesystem, so the rename into
+    place is atomic); temp files left by a killed writer are swept once they are an hour old.
+    Create-if-absent is a hard link (atomic, no lock file); replace-if-unchanged locks one lock
+    file per key, kept under ``.tmp/locks/`` (one per pointer or dataset, not per segment).
+    """
+
+    STALE_TEMP_S = 3600
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._tmp = self.root / ".tmp"
+        self._sweep()
+
+    def _sweep(self) -> None:
+        if not self._tmp.is_dir():
+            return
+        cutoff = time.time() - self.STALE_TEMP_S
+        for entry in os.scandir(self._tmp):
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another process swept it first
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
-        """Write atomically (temp file, fsync, rename)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    def _write_temp(self, data: bytes) -> Path:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write atomically (temp file, fsync, rename)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
 
     def get(self, key: str) -> bytes:
@@ -81,9 +112,12 @@ class LocalObjectStore:
         base = self._path(prefix.rstrip("/"))
         if not base.is_dir():
             return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
+        out = []
+        for p in base.rglob("*"):
+            rel = p.relative_to(self.root)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                out.append(str(rel))
+        return sorted(out)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -106,7 +140,19 @@ class LocalObjectStore:
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+        if expected_etag is None:  # create if absent: a hard link fails if the name is taken
+            tmp = self._write_temp(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                found = self.get_with_etag(key)
+                raise PreconditionFailed(f"{key}: expected no object, found {found[1] if found else 'one'}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+        locks = self._tmp / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / hashlib.sha256(key.encode()).hexdigest()[:32], "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self.get_with_etag(key)
             current_etag = current[1] if current else None

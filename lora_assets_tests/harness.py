@@ -66,6 +66,9 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Start the daemon (once: a running daemon is left as it is)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
         self.log = self.log_path.open("a")
         daemon = Path(sys.executable).with_name("dagster-daemon")
         self.proc = subprocess.Popen(

@@ -121,7 +121,8 @@ def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_e
     assert dataset_mat.tags["dagster/data_version"] == dmeta["content_hash"]
 
 
-def test_malformed_record_fails_only_that_users_dataset(dagster_env):
+def test_a_stored_record_no_mode_can_use_is_skipped_and_reported(dagster_env):
+    """A poison record (written around ingest's checks) never fails the user's dataset again."""
     import pyarrow as pa
 
     from lora_assets.data.schemas import schema_for
@@ -134,15 +135,20 @@ def test_malformed_record_fails_only_that_users_dataset(dagster_env):
     store.write("user-001", "mail", bad)
     keys = [source_key("mail"), source_key("contacts"), dataset_key("mail_reply")]
 
-    failed = _run(instance, data, keys, "user-001", raise_on_error=False)
-    assert not failed.success
-    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.event_specific_data.error.to_string()
-    assert "mail-broken-1" in message and "user-001" in message
-
-    assert _run(instance, data, keys, "user-000").success
-    assert (data / "datasets" / "user-000" / "mail_reply.parquet").exists()
-    assert not (data / "datasets" / "user-001" / "mail_reply.parquet").exists()
+    result = _run(instance, data, keys, "user-001")
+    assert result.success
+    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
+    assert meta["skipped_records"].value == 1 and meta["skipped_ids"].value == "mail-broken-1"
+    assert meta["train_rows"].value > 0
+    # ... and stays reported on later, incremental builds, until the record is fixed or deleted.
+    store.write("user-001", "mail", deletes=["mail-00001"])
+    assert _run(instance, data, keys, "user-001").success
+    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
+    assert meta["build"].value == "incremental" and meta["skipped_ids"].value == "mail-broken-1"
+    store.write("user-001", "mail", deletes=["mail-broken-1"])
+    assert _run(instance, data, keys, "user-001").success
+    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
+    assert meta["skipped_records"].value == 0
 
 
 def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, monkeypatch):

@@ -78,7 +78,9 @@ def in_process(cli_env, monkeypatch):
 
 
 def test_ingest_validates_writes_and_announces(in_process, cli_env, tmp_path, capsys):
-    from lora_assets.orchestration.resources import LoraAssetsHome
+    import re
+
+    from lora_assets.settings import Settings
 
     batch = tmp_path / "mail.jsonl"
     batch.write_text(
@@ -86,21 +88,21 @@ def test_ingest_validates_writes_and_announces(in_process, cli_env, tmp_path, ca
         '{"id": "m2", "sender": "Sam", "subject": "Re", "body": "Dinner?", "reply": "Yes"}\n'
     )
     assert in_process("ingest", "--user", "alice", "--source", "mail", str(batch)) == 0
-    assert "2 upserts, 0 deletes -> store segment 1, change event 1" in capsys.readouterr().out
+    assert re.search(r"2 upserts, 0 deletes -> store segment 1, change event \d+$", capsys.readouterr().out.strip())
 
     batch.write_text('{"id": "m1", "_deleted": true}\n')
     assert in_process("ingest", "--user", "alice", "--source", "mail", str(batch)) == 0
-    resources = LoraAssetsHome(home=cli_env["LORA_ASSETS_HOME"])
-    assert [r["id"] for r in resources.store().read("alice", "mail").to_pylist()] == ["m2"]
-    assert resources.feed().pending_count() == 2
+    settings = Settings.from_env()
+    assert [r["id"] for r in settings.store().read("alice", "mail").to_pylist()] == ["m2"]
+    assert settings.feed().pending_count() == 2
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "m3", "sender": "Sam"}\n{"id": "m4", "subject": 12}\n')
+    bad.write_text('{"id": "m3", "sender": "Sam", "subject": "Hi", "body": "Yo"}\n{"id": "m4", "subject": 12}\n')
     assert in_process("ingest", "--user", "alice", "--source", "mail", str(bad)) == 2
     err = capsys.readouterr().err
-    assert str(bad) in err and "'m4'" in err
-    assert resources.store().head("alice", "mail") == 2, "nothing of a bad batch is written"
-    assert resources.feed().pending_count() == 2
+    assert f"{bad}:2: mail record 'm4': field 'subject': must be a string, got int 12" in err
+    assert settings.store().head("alice", "mail") == 2, "nothing of a bad batch is written"
+    assert settings.feed().pending_count() == 2
 
     bad.write_text("{not json\n")
     assert in_process("ingest", "--user", "alice", "--source", "mail", str(bad)) == 2
@@ -146,3 +148,27 @@ def test_feed_lists_dead_letters(in_process, cli_env, capsys):
     assert in_process("feed") == 0
     out = capsys.readouterr().out
     assert "pending events: 0" in out and f"dead letter {event}: undecodable" in out
+
+
+def test_a_base_model_that_cannot_load_is_not_registered(in_process, cli_env, tmp_path, capsys):
+    from dagster import DagsterInstance
+
+    local = Path(cli_env["LORA_ASSETS_HOME"]) / "base_models" / "tiny-llama"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((local / "config.json").read_text())  # a config and nothing else
+    assert in_process("base-model", "add", "bare", "--path", str(bare)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bare} cannot be used as a base model: loading the tokenizer failed")
+    assert "\n" not in err
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for f in local.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    assert in_process("base-model", "add", "noweights", "--path", str(no_weights)) == 2
+    assert "loading the weights failed" in capsys.readouterr().err
+    assert "bare" not in DagsterInstance.get().get_dynamic_partitions("base_models")
+    assert in_process("base-model", "list") == 0
+    listing = capsys.readouterr().out
+    assert "bare" not in listing and "noweights" not in listing

@@ -7,10 +7,13 @@ it changes through the public ingest API and asserts on the instance's run recor
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 
 import pytest
-from dagster import AssetKey
+from dagster import AssetKey, DagsterEventType, DagsterRunStatus
 
 from lora_assets.datasets import read_dataset
 from lora_assets.drive.sync import sync_device
@@ -26,15 +29,16 @@ USERS = ("user-000", "user-001")
 ALL_ADAPTERS = {f"{m}/adapter" for m in MODES}
 
 
-@pytest.fixture
-def daemon(tmp_path, home, tiny_base):
-    d = Daemon(tmp_path, home / "base_models")
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, home, tiny_base):
+    """One daemon for the whole module: its tests use different users."""
+    d = Daemon(tmp_path_factory.mktemp("daemon"), home / "base_models", env={"LORA_ASSETS_STAGED_GRACE_S": "2"})
+    register_base_model_partition(d.instance, "tiny-llama")
     yield d
     d.stop()
 
 
 def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables, tmp_path):
-    register_base_model_partition(daemon.instance, "tiny-llama")
     for user in USERS:
         for source, table in synthetic_tables[user].items():
             daemon.ingest(user, source, table.to_pylist())
@@ -114,6 +118,12 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
         "tiny-llama|user-001": {"search_suggest/adapter"},
         "tiny-b|user-001": {"search_suggest/adapter"},
     }
+    # Two training runs requested by one tick: the run queue's training limit (1) holds, so one
+    # runs after the other and their torch threads never compete for the cores.
+    training = [daemon.instance.get_run_record_by_id(r.run_id) for r in runs if r.job_name == "adapter_batch"]
+    assert len(training) == 2 and training[0].create_timestamp.timestamp() - training[1].create_timestamp.timestamp() < 5
+    first, second = sorted(training, key=lambda r: r.start_time)
+    assert first.end_time <= second.start_time, "two training runs overlapped"
     set_base_model_retired(daemon.instance, "tiny-b", retired=True)
     before = daemon.runs()
     daemon.ingest("user-001", "browsing", [{"id": "visit-new-2", "query": "rye bread"}])
@@ -122,3 +132,50 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
     assert json.loads(json.dumps(sorted(daemon.instance.get_dynamic_partitions("base_models")))) == [
         "tiny-b", "tiny-llama"
     ]
+
+
+def _kill_worker_when_it_starts(daemon, job_name: str, user: str, timeout_s: float = 300) -> str:
+    """kill -9 the worker process of the first ``job_name`` run for ``user`` as soon as it runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run in daemon.runs():
+            if run.job_name != job_name or user not in run.tags.get("lora_assets/users", "").split(","):
+                continue
+            starts = daemon.instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START)
+            if starts and run.status == DagsterRunStatus.STARTED:
+                os.kill(starts[0].dagster_event.pid, signal.SIGKILL)
+                return run.run_id
+        time.sleep(0.05)
+    raise AssertionError(f"no {job_name} run for {user} started within {timeout_s}s")
+
+
+def test_killed_runs_and_a_killed_ingest_converge_by_themselves(daemon, tmp_path):
+    """kill -9 ingest between the segment and the event, then the dataset run's worker, then the
+    adapter run's worker: with no manual action the user ends with an adapter trained on their
+    latest data, published."""
+    from lora_assets.data.synthetic import generate_user
+    from lora_assets.datasets import content_hash
+    from lora_assets.drive.publish import current_manifest
+    from lora_assets_tests.test_ingest import kill_ingest_after_the_segment, lines
+
+    user = "user-009"
+    batch = tmp_path / "mail.jsonl"  # enough mail for the runs to be killed while they work
+    batch.write_bytes(lines(*generate_user(user, scale=20)["mail"].to_pylist()))
+    daemon.start()
+    assert kill_ingest_after_the_segment(daemon.env, batch, user) == -signal.SIGKILL
+    assert daemon.settings.store().head(user, "mail") == 1, "the segment was written, no event confirmed"
+    before = daemon.runs()
+
+    killed_dataset_run = _kill_worker_when_it_starts(daemon, "dataset_batch", user)
+    killed_adapter_run = _kill_worker_when_it_starts(daemon, "adapter_batch", user)
+    runs = daemon.new_runs(before, allow_failures=True)
+
+    status = {r.run_id: r for r in runs}
+    for killed in (killed_dataset_run, killed_adapter_run):
+        assert status[killed].status == DagsterRunStatus.FAILURE
+        retries = [r for r in runs if r.tags.get("dagster/parent_run_id") == killed]
+        assert retries and retries[-1].status == DagsterRunStatus.SUCCESS, f"{killed} was not retried to success"
+    df, _ = read_dataset(daemon.settings.datasets(), user, "mail_reply")
+    assert len(df) > 500, "the dataset holds the data the killed ingest wrote"
+    manifest = current_manifest(daemon.settings.drive(), user, "tiny-llama", "mail_reply")
+    assert manifest is not None and manifest["dataset_version"] == content_hash(df)

@@ -71,7 +71,7 @@ def test_bad_pairs_are_rejected_with_a_clear_error(tiny_base, tmp_path, pair, me
 
 
 def test_feedback_pairs_hold_edits_over_suggestions_and_accepted_over_rejected(synthetic_tables):
-    df = build_examples(TONE, synthetic_tables["user-000"], "user-000")
+    df = build_examples(TONE, synthetic_tables["user-000"])
     feedback = {r["id"]: r for r in synthetic_tables["user-000"]["feedback"].to_pylist()}
     assert len(df) >= 30 and (df["split"] == "eval").sum() >= 4
     for row in df.itertuples(index=False):
@@ -85,7 +85,7 @@ def test_feedback_pairs_hold_edits_over_suggestions_and_accepted_over_rejected(s
 
 
 def test_dpo_training_improves_held_out_preference_accuracy_and_margin(tiny_base, synthetic_tables, tmp_path):
-    df = build_examples(TONE, synthetic_tables["user-000"], "user-000")
+    df = build_examples(TONE, synthetic_tables["user-000"])
     job = replace(job_for(TONE, "user-000", df, tmp_path / "tone", steps=25), learning_rate=1e-2)
     (result,) = train_adapters([job], tiny_base, progress=None)
     m = result.extra_metrics

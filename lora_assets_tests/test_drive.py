@@ -17,7 +17,7 @@ from lora_assets.drive.publish import (
     publish_adapter,
     read_current,
 )
-from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device
+from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device, verify_installed
 from lora_assets.gate import decide
 from lora_assets.modes import MODES, build_examples
 from lora_assets.storage import LocalObjectStore, PreconditionFailed
@@ -32,7 +32,7 @@ PROBE = torch.tensor([[1, 520, 33, 4097, 12, 88, 9000, 2]])
 def trained(tiny_base, synthetic_tables, tmp_path_factory):
     """Three different adapters of one user (seeds 0-2) and the logits each gave when trained."""
     out = tmp_path_factory.mktemp("trained")
-    dataset = build_examples(MODE, synthetic_tables["user-000"], "user-000")
+    dataset = build_examples(MODE, synthetic_tables["user-000"])
     jobs = [
         replace(job_for(MODE, "user-000", dataset, out / f"seed{s}", steps=2, metadata={"dataset_version": "d1"}),
                 seed=s, learning_rate=1e-2)
@@ -132,6 +132,63 @@ def test_sync_detects_a_damaged_file_keeps_the_old_version_and_exits_non_zero(
     assert f"error: {MODE.name}: kept the installed version" in err and new.version in err
     assert installed_version(device, "tiny-llama", MODE.name) == old.version
     assert (installed_adapter_dir(device, "tiny-llama", MODE.name) / "adapter_model.safetensors").exists()
+
+
+def _sync_cli(home, device, capsys):
+    from lora_assets.cli import main
+
+    code = main(["sync", "--user", "user-000", "--device-dir", str(device), "--base-model", "tiny-llama"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("damage", ["corrupt the weights", "remove the manifest", "garble the device pointer"])
+def test_a_damaged_installed_copy_is_downloaded_again(trained, tmp_path, monkeypatch, capsys, damage):
+    home, device = tmp_path / "home", tmp_path / "device"
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(home))
+    published = _publish(LocalObjectStore(home / "drive"), trained[0][0])
+    assert _sync_cli(home, device, capsys)[0] == 0
+    installed = device / "tiny-llama" / MODE.name
+    if damage == "corrupt the weights":
+        weights = installed / published.version / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "remove the manifest":
+        (installed / published.version / "manifest.json").unlink()
+    else:
+        (installed / "CURRENT").write_bytes(b"\xff\xfe garbage")
+
+    code, out, err = _sync_cli(home, device, capsys)
+
+    assert code == 0, err
+    assert published.version in out and ("repaired" in out or "(none) ->" in out)
+    verify_installed(installed_adapter_dir(device, "tiny-llama", MODE.name))  # whole again
+    assert _sync_cli(home, device, capsys)[1].strip() == f"{MODE.name}: {published.version} (up to date)"
+
+
+def test_a_device_dir_that_is_a_file_gets_a_clear_error(trained, tmp_path, monkeypatch, capsys):
+    home, device = tmp_path / "home", tmp_path / "device"
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(home))
+    _publish(LocalObjectStore(home / "drive"), trained[0][0])
+    device.write_text("not a folder")
+    code, _out, err = _sync_cli(home, device, capsys)
+    assert code == 2 and err.strip() == f"error: device dir {device} is a file, not a directory"
+
+
+def test_a_garbage_pointer_is_named_and_the_other_modes_carry_on(trained, tmp_path, monkeypatch, capsys):
+    home, device = tmp_path / "home", tmp_path / "device"
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(home))
+    drive = LocalObjectStore(home / "drive")
+    good = _publish(drive, trained[0][0])
+    publish_adapter(drive, "user-000", "tiny-llama", "mail_reply", trained[1][0])
+    pointer = home / "drive" / "user-000" / "adapters" / "tiny-llama" / "mail_reply" / "CURRENT"
+    pointer.write_text("this is not json")
+
+    code, out, err = _sync_cli(home, device, capsys)
+
+    assert code == 1
+    assert f"{MODE.name}: (none) -> {good.version}" in out  # the healthy mode is installed
+    assert f"error: mail_reply: kept the installed version: {pointer}: not a valid CURRENT pointer" in err
+    assert "Traceback" not in err
 
 
 def test_two_racing_publishes_end_with_exactly_one_consistent_current(trained, tmp_path):

@@ -73,7 +73,7 @@ def test_pointer_flip_retries_after_a_conditional_write_conflict(aws, tiny_base,
     from lora_assets.training import train_adapters
 
     mode = MODES["search_suggest"]
-    dataset = build_examples(mode, synthetic_tables["user-000"], "user-000")
+    dataset = build_examples(mode, synthetic_tables["user-000"])
     jobs = [replace(job_for(mode, "user-000", dataset, tmp_path / f"a{s}", steps=1), seed=s) for s in (0, 1)]
     train_adapters(jobs, tiny_base, progress=None)
     drive = S3ObjectStore(aws["s3"], aws["bucket"], "drive-conflict")

@@ -68,11 +68,11 @@ def test_events_are_coalesced_per_user_into_one_batch_run(env):
     for i in range(3):  # three batches of alice's mail: one dataset rebuild
         ingest(store, feed, "alice", "mail", [_mail(f"m{i}")])
     ingest(store, feed, "alice", "contacts", [{"id": "c1", "name": "Sam", "nickname": "sammy", "relation": "friend"}])
-    ingest(store, feed, "bob", "browsing", [{"id": "b1", "query": "sourdough starter"}])
+    last = ingest(store, feed, "bob", "browsing", [{"id": "b1", "query": "sourdough starter"}])
 
     result = _tick(change_feed_sensor, instance, res, None)
 
-    assert json.loads(result.cursor)["feed"] == "5"
+    assert json.loads(result.cursor)["feed"] == str(last.event_id)
     (added,) = result.dynamic_partitions_requests
     assert sorted(added.partition_keys) == ["alice", "bob"]
     (request,) = result.run_requests
@@ -281,31 +281,30 @@ def test_a_run_the_daemon_will_retry_is_left_to_that_retry(env):
     assert not _tick(change_feed_sensor, instance, res, primed.cursor).run_requests
 
 
-def test_a_bad_user_fails_only_its_own_partitions_and_is_not_requested_again(env, tmp_path):
-    import pyarrow as pa
-
-    from lora_assets.data.schemas import schema_for
-
-    instance, res = env
+def test_a_user_whose_data_cannot_be_read_is_retried_then_quarantined(env, tmp_path):
+    instance, _ = env
+    res = LoraAssetsHome(home=str(tmp_path), max_attempts=2)
     ingest(res.store(), res.feed(), "good", "mail", [_mail("m1")])
-    broken = pa.Table.from_pylist([{"id": "m-broken", "sender": "Sam", "subject": "hi", "body": None, "reply": "ok"}],
-                                  schema=schema_for("mail"))
-    res.store().write("bad", "mail", broken)  # a record no mode can use, written around ingest
-    res.feed().announce(ChangeEvent("bad", "mail", seq=1, upserts=1))
+    broken = ingest(res.store(), res.feed(), "bad", "mail", [_mail("m1")])
     tick = _tick(change_feed_sensor, instance, res, None)
-    instance.add_dynamic_partitions("users", ["good", "bad"])
     (request,) = tick.run_requests
-    assert sorted(_users(request)) == ["bad", "good"]
+    segment = tmp_path / "users" / "bad" / "mail" / f"log-{broken.write.seq:012d}.parquet"
+    segment.write_bytes(b"not parquet")  # a disk error after the event was accepted
 
-    result = run_dataset_batch(instance, _users(request), res)
+    result = run_dataset_batch(instance, _users(request), res, tags=request.tags)
 
-    assert not result.success  # the run fails, naming the bad record ...
+    assert not result.success  # the run fails, naming the user ...
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "m-broken" in failure.event_specific_data.error.to_string()
+    assert "bad:" in failure.event_specific_data.error.to_string()
     mats = instance.fetch_materializations(dataset_key("mail_reply"), limit=10).records
-    assert [m.partition_key for m in mats] == ["good"]  # ... and only the bad user's partitions lack it
-    # The failure is permanent: the sensor does not request the bad user again.
-    assert not _tick(change_feed_sensor, instance, res, tick.cursor).run_requests
+    assert [m.partition_key for m in mats] == ["good"]  # ... and only that user's partitions lack it
+    # Not a failure of the data itself: requested again, for the bad user only ...
+    retry = _tick(change_feed_sensor, instance, res, tick.cursor)
+    (again,) = retry.run_requests
+    assert _users(again) == {"bad": ["mail"]} and again.tags["lora_assets/attempt"] == "2"
+    assert not run_dataset_batch(instance, _users(again), res, tags=again.tags).success
+    # ... but not forever: after max_attempts it is quarantined (an error in the tick's log).
+    assert not _tick(change_feed_sensor, instance, res, retry.cursor).run_requests
 
 
 def test_adapters_a_dead_training_run_did_not_finish_are_requested_again(env):

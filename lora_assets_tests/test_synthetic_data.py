@@ -55,7 +55,8 @@ def test_feedback_carries_outcomes_and_edits():
 )
 def test_bad_records_are_named_in_the_error(record, message):
     with pytest.raises(InvalidRecord, match=message.replace("[", r"\[").replace("]", r"\]")):
-        records_to_table("mail", [{"id": "ok", "subject": "fine"}, record], where="file x.jsonl: ")
+        ok = {"id": "ok", "sender": "Sam", "subject": "fine", "body": "Lunch?"}
+        records_to_table("mail", [ok, {**ok, **record} if "id" in record else record], where="file x.jsonl: ")
 
 
 def test_unknown_source_is_rejected():

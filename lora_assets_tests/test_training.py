@@ -25,7 +25,7 @@ MAIL = MODES["mail_reply"]
 
 
 def _mail_job(tables, user: str, out: Path, **overrides) -> TrainJob:
-    dataset = build_examples(MAIL, tables[user], user)
+    dataset = build_examples(MAIL, tables[user])
     job = job_for(MAIL, user, dataset, out, steps=30)
     return replace(job, learning_rate=1e-2, **overrides)  # tiny random model: higher lr than SmolLM2
 
@@ -134,7 +134,7 @@ def _mixed_jobs(tables, out: Path) -> list[TrainJob]:
     jobs = [
         _mail_job(tables, "user-000", out / "a", max_steps=6),
         _mail_job(tables, "user-001", out / "b", max_steps=3, seed=7),
-        replace(job_for(search, "user-000", build_examples(search, tables["user-000"], "user-000"), out / "c",
+        replace(job_for(search, "user-000", build_examples(search, tables["user-000"]), out / "c",
                         steps=5), learning_rate=5e-3),
         replace(_mail_job(tables, "user-001", out / "d", max_steps=4), train=_mail_job(tables, "user-001", out).train[:5]),
     ]
@@ -220,7 +220,7 @@ def test_examples_keep_loss_on_response_tokens_only(tiny_base):
 
 
 def test_dataset_rows_become_train_and_eval_examples(synthetic_tables):
-    dataset = build_examples(MAIL, synthetic_tables["user-000"], "user-000")
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
     train, held_out = examples_from(dataset, "train"), examples_from(dataset, "eval")
     assert train and held_out
     assert {e.id for e in train}.isdisjoint({e.id for e in held_out})

@@ -8,6 +8,12 @@ error, so it is reported and never blocks the events behind it.
 
 An event names the user store segment it announces (``user``, ``source``, ``seq``) so a consumer
 can check that the data is really there and readable before acting on it.
+
+No lost writes: ``ingest`` *stages* an event (user and source) before it writes the segment and
+*confirms* it after. A staged event whose writer died (killed between the two) is announced by
+the feed itself once it is ``staged_grace_s`` old, with seq 0 ("look again": the dataset is
+rebuilt from the store's current state, harmless if the segment never got written). Confirmed
+and recovered events get a fresh id, so a consumer whose cursor has moved on still sees them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     payload TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',   -- pending | dead
+    status TEXT NOT NULL DEFAULT 'pending',   -- staged | pending | dead
     error TEXT,
     created_at REAL NOT NULL
 );
@@ -87,8 +93,9 @@ class FeedItem:
 class ChangeFeed:
     """Durable SQLite queue; safe for several processes (writers serialize on SQLite's lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, staged_grace_s: float = 60.0) -> None:
         self.path = Path(path)
+        self.staged_grace_s = staged_grace_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
@@ -107,6 +114,38 @@ class ChangeFeed:
         """Tell consumers about a batch the user store took (the SQLite feed stores an event)."""
         return self.append(event)
 
+    def stage(self, user: str, source: str) -> int:
+        """Before a segment is written: a staged event the feed announces if the writer dies."""
+        payload = json.dumps({"user": user, "source": source, "seq": 0}, sort_keys=True)
+        with self._conn() as conn:
+            cur = conn.execute(
+                "INSERT INTO events(payload, status, created_at) VALUES (?, 'staged', ?)", (payload, time.time())
+            )
+            return int(cur.lastrowid)
+
+    def confirm(self, staged: int, event: ChangeEvent) -> int:
+        """After the segment is written: the staged event becomes a pending one (a fresh id)."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM events WHERE id = ? AND status = 'staged'", (staged,))
+            cur = conn.execute("INSERT INTO events(payload, created_at) VALUES (?, ?)", (event.to_json(), time.time()))
+            conn.execute("COMMIT")
+            return int(cur.lastrowid)
+
+    def recover_staged(self) -> int:
+        """Announce the staged events whose writer died; returns how many."""
+        cutoff = time.time() - self.staged_grace_s
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT id, payload FROM events WHERE status = 'staged' AND created_at < ? ORDER BY id", (cutoff,)
+            ).fetchall()
+            for event_id, payload in rows:
+                conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
+                conn.execute("INSERT INTO events(payload, created_at) VALUES (?, ?)", (payload, time.time()))
+            conn.execute("COMMIT")
+        return len(rows)
+
     def consume(self, cursor: str | None, limit: int) -> tuple[list[Delivery], str]:
         """Acknowledge up to the committed cursor, then read the next ``limit`` events.
 
@@ -114,6 +153,7 @@ class ChangeFeed:
         """
         after = int(cursor or 0)
         self.ack_through(after)
+        self.recover_staged()
         deliveries = []
         for item in self.read_after(after, limit):
             try:
@@ -161,5 +201,6 @@ class ChangeFeed:
             return [(int(i), p, e) for i, p, e in rows.fetchall()]
 
     def pending_count(self) -> int:
+        """Events not yet acknowledged, staged ones (an ingest in progress or killed) included."""
         with self._conn() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0])
+            return int(conn.execute("SELECT COUNT(*) FROM events WHERE status IN ('pending', 'staged')").fetchone()[0])

@@ -91,6 +91,13 @@ class SqsChangeFeed:
         """Nothing to do: S3 itself notifies SQS when the user store writes a segment."""
         return None
 
+    def stage(self, user: str, source: str) -> None:
+        """Nothing to stage: the segment's own S3 event announces it the moment it exists."""
+        return None
+
+    def confirm(self, staged: None, event: ChangeEvent) -> None:
+        return None
+
     def consume(self, cursor: str | None, limit: int) -> tuple[list[Delivery], str]:
         """Acknowledge what the committed cursor holds, then receive up to ``limit`` messages."""
         self._delete(json.loads(cursor)["handles"] if cursor else [])

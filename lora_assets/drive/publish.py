@@ -61,8 +61,17 @@ def _sha256(data: bytes) -> str:
 
 def read_current(drive: ObjectStore, user: str, base_model: str, mode: str) -> tuple[dict[str, Any], str] | None:
     """The CURRENT pointer's content and etag, or None when nothing is published."""
-    found = drive.get_with_etag(f"{adapter_prefix(user, base_model, mode)}/{CURRENT}")
-    return (json.loads(found[0]), found[1]) if found else None
+    key = f"{adapter_prefix(user, base_model, mode)}/{CURRENT}"
+    found = drive.get_with_etag(key)
+    if not found:
+        return None
+    try:
+        pointer = json.loads(found[0])
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+            raise ValueError("no version")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptVersion(f"{drive.uri(key)}: not a valid CURRENT pointer ({exc})") from None
+    return pointer, found[1]
 
 
 def read_manifest(drive: ObjectStore, user: str, base_model: str, mode: str, version: str) -> dict[str, Any]:

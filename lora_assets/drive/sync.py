@@ -36,6 +36,7 @@ from lora_assets.storage import ObjectStore
 class SyncReport:
     changed: list[tuple[str, str | None, str]] = field(default_factory=list)  # (mode, old, new)
     unchanged: list[tuple[str, str]] = field(default_factory=list)
+    repaired: list[tuple[str, str, str]] = field(default_factory=list)  # (mode, version, what was wrong)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (mode, reason)
 
     @property
@@ -55,8 +56,13 @@ def published_modes(drive: ObjectStore, user: str, base_model: str) -> list[str]
 
 
 def installed_version(device_dir: Path, base_model: str, mode: str) -> str | None:
+    """The device's installed version of a mode; None when nothing (usable) is installed."""
     path = Path(device_dir) / base_model / mode / CURRENT
-    return path.read_text().strip() if path.exists() else None
+    try:
+        version = path.read_text().strip()
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+        return None
+    return version if version and version.replace("-", "").isalnum() else None
 
 
 def installed_adapter_dir(device_dir: Path, base_model: str, mode: str) -> Path:
@@ -69,7 +75,12 @@ def installed_adapter_dir(device_dir: Path, base_model: str, mode: str) -> Path:
 
 def verify_installed(folder: Path) -> None:
     """Re-check an installed version against its manifest before trusting its tensors."""
-    manifest = json.loads((folder / MANIFEST).read_text())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CorruptVersion(f"{folder / MANIFEST}: missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptVersion(f"{folder / MANIFEST}: not a valid manifest ({exc})") from None
     for name, meta in manifest["files"].items():
         data = (folder / name).read_bytes()
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -77,12 +88,15 @@ def verify_installed(folder: Path) -> None:
 
 
 def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str) -> SyncReport:
+    """Install every mode's CURRENT adapter; a mode that fails leaves the others unaffected."""
     report = SyncReport()
     device_dir = Path(device_dir)
+    if device_dir.exists() and not device_dir.is_dir():
+        raise NotADirectoryError(f"device dir {device_dir} is a file, not a directory")
     for mode in published_modes(drive, user, base_model):
         try:
             _sync_mode(drive, user, device_dir, base_model, mode, report)
-        except (CorruptVersion, FileNotFoundError, ValueError, KeyError) as exc:
+        except (CorruptVersion, OSError, ValueError, KeyError) as exc:
             report.failed.append((mode, str(exc)))
     return report
 
@@ -96,10 +110,15 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
     version = pointer["version"]
     mode_dir = device_dir / base_model / mode
     old = installed_version(device_dir, base_model, mode)
-    if old == version and (mode_dir / version / MANIFEST).exists():
-        verify_installed(mode_dir / version)
-        report.unchanged.append((mode, version))
-        return
+    damage = None
+    if old == version:
+        try:
+            verify_installed(mode_dir / version)
+        except (CorruptVersion, OSError, ValueError, KeyError) as exc:
+            damage = str(exc)  # the installed copy is damaged: download it again
+        else:
+            report.unchanged.append((mode, version))
+            return
     manifest_bytes = drive.get(f"{prefix}/{version}/{MANIFEST}")
     if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
         raise CorruptVersion(f"{prefix}/{version}/{MANIFEST}: does not match the CURRENT pointer")
@@ -124,4 +143,7 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
     for stale in mode_dir.iterdir():  # keep the new and the previous version only
         if stale.is_dir() and stale.name not in (version, old) and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)
-    report.changed.append((mode, old, version))
+    if damage is not None:
+        report.repaired.append((mode, version, damage))
+    else:
+        report.changed.append((mode, old, version))

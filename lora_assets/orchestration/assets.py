@@ -117,6 +117,8 @@ def build_dataset_asset(mode: Mode) -> AssetsDefinition:
         refreshed = refresh_dataset(settings.store(), settings.datasets(), mode, context.partition_key)
         context.log.info(f"{mode.name}/{context.partition_key}: {refreshed.report.how} build, "
                          f"{refreshed.report.changed_records} records reduced")
+        if warning := md.skipped_warning(mode.name, context.partition_key, refreshed):
+            context.log.warning(warning)
         return MaterializeResult(data_version=DataVersion(refreshed.version), metadata=md.dataset_metadata(refreshed))
 
     return _dataset
@@ -173,7 +175,10 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
                      if split_adapter_key(k)[0] == base_model}
             trained = train_and_gate(
                 settings, loaded_base_model(base_model, settings.home), list(works.values()),
-                progress=progress_logger(context), log=context.log.info,
+                progress=progress_logger(context),
+                on_outcome=lambda o: context.log.info(
+                    f"[{o.work.name}] " + (f"not trained: {o.error}" if o.error else f"eval gate: {o.gate.reason}")
+                ),
             )
             outcomes.update(zip(works, trained))
         errors = {k: o.error for k, o in outcomes.items() if o.error}
@@ -214,12 +219,14 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
 
 
 def outcome_meta(outcome) -> dict[str, Any]:
-    return adapter_metadata(outcome.result, outcome.dataset_version)
+    return adapter_metadata(outcome.result, outcome.dataset_version, outcome.training)
 
 
-def progress_logger(context):
+def progress_logger(context, every: int = 10):
+    """Training progress as log lines: every ``every`` steps and the last one, per job."""
+
     def progress(job: str, step: int, total: int, loss: float, tps: float) -> None:
-        if step == total or step % 5 == 0:
+        if step == total or step % every == 0:
             context.log.info(f"[{job}] step {step}/{total} loss {loss:.4f} {tps:.0f} tok/s")
 
     return progress

@@ -44,7 +44,7 @@ from lora_assets.orchestration.assets import (
 from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
 from lora_assets.orchestration.partitions import adapter_partition_key, adapter_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.pipeline import AdapterWork, publish, source_state, train_and_gate
+from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate
 
 DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
@@ -87,26 +87,40 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
     )
     failed: dict[str, str] = {}
     permanent: list[str] = []
-    for user, (sources, modes) in plans.items():
+
+    def fail(user: str, exc: Exception) -> None:
+        failed[user] = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, InvalidRecord):
+            permanent.append(user)  # the data itself: the same build would fail again
+        context.log.error(f"{user}: datasets not rebuilt: {failed[user]}")
+
+    for user, (sources, _modes) in plans.items():
         try:
             for source in sources:
                 state = source_state(store, user, source)
                 recording.materialize(context, source_key(source), user, state.fingerprint, source_metadata(state))
-            for mode in modes:
+        except Exception as exc:  # storage errors and the like: lost work, requested again
+            fail(user, exc)
+    users = [u for u in plans if u not in failed]
+    needed = sorted({s for u in users for m in plans[u][1] for s in m.sources})
+    upstream = {s: recording.latest_materializations(context.instance, source_key(s), users) for s in needed}
+    for user in users:
+        built = []
+        try:
+            for mode in plans[user][1]:
                 refreshed = refresh_dataset(store, datasets, mode, user)
                 recording.materialize(
                     context, dataset_key(mode.name), user, refreshed.version, md.dataset_metadata(refreshed),
-                    inputs=[(source_key(s), user) for s in mode.sources],
+                    upstream=[(source_key(s), upstream[s].get(user)) for s in mode.sources],
                 )
-                context.log.info(f"{mode.name}/{user}: {refreshed.report.how} build, "
-                                 f"{refreshed.report.changed_records} records reduced, {len(refreshed.df)} rows")
-        except InvalidRecord as exc:
-            failed[user] = str(exc)
-            permanent.append(user)
-            context.log.error(f"{user}: datasets not rebuilt: {exc}")
-        except Exception as exc:  # storage errors and the like: lost work, requested again
-            failed[user] = f"{type(exc).__name__}: {exc}"
-            context.log.error(f"{user}: datasets not rebuilt ({type(exc).__name__}): {exc}")
+                built.append(f"{mode.name} {refreshed.report.how} ({refreshed.report.changed_records} records) "
+                             f"{len(refreshed.df)} rows")
+                if warning := md.skipped_warning(mode.name, user, refreshed):
+                    context.log.warning(warning)
+        except Exception as exc:
+            fail(user, exc)
+            continue
+        context.log.info(f"{user}: " + "; ".join(built))
     if failed:
         raise Failure(
             description=f"datasets not rebuilt for {len(failed)} of {len(plans)} users: "
@@ -124,11 +138,21 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
     ),
 )
 def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_home: LoraAssetsHome) -> None:
+    from lora_assets.drive.publish import adapter_prefix
+
     settings = lora_home.settings()
     threads = use_run_threads(settings)
     base_model = config.base_model
     works = [AdapterWork(base_model, i.user, get_mode(i.mode).name) for i in config.items]
     partition = {w: str(adapter_partition_key(base_model, w.user)) for w in works}
+    datasets = {
+        mode: recording.latest_materializations(context.instance, dataset_key(mode), [w.user for w in works if w.mode == mode])
+        for mode in sorted({w.mode for w in works})
+    }
+    done = already_published(context.instance, works, partition, datasets)
+    if done:  # a retry of a run that died half way: what it finished stays finished
+        context.log.info(f"already trained on the current dataset and published: {', '.join(sorted(w.name for w in done))}")
+        works = [w for w in works if w not in done]
     recording.plan(
         context,
         [(k(w.mode), partition[w]) for w in works for k in (adapter_key, published_key)],
@@ -136,47 +160,68 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
     )
     context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
                      f"fused {settings.fuse} at a time, {threads} torch threads")
-    base = loaded_base_model(base_model, settings.home)
-    outcomes = train_and_gate(settings, base, works, progress=progress_logger(context), log=context.log.info)
-
     permanent, lost = [], []
-    for outcome in outcomes:
+
+    def record(outcome: AdapterOutcome) -> None:
+        """Record one adapter's events, and publish it, as soon as its gate is known."""
         w, key = outcome.work, partition[outcome.work]
         label = f"{w.mode}|{key}"
         if outcome.error:
             permanent.append(label)
             context.log.error(f"[{w.name}] not trained: {outcome.error}")
-            continue
+            return
         plain = outcome_meta(outcome)
         recording.materialize(
             context, adapter_key(w.mode), key, plain["sha256"], md.adapter_metadata(plain),
-            inputs=[(dataset_key(w.mode), w.user)],
+            upstream=[(dataset_key(w.mode), datasets[w.mode].get(w.user))],
         )
+        adapter = recording.latest_materialization(context.instance, adapter_key(w.mode), key)
         recording.check(context, adapter_key(w.mode), GATE_CHECK, key, outcome.gate.passed,
-                        md.gate_metadata(outcome.gate))
+                        md.gate_metadata(outcome.gate), adapter)
+        summary = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
         if not outcome.gate.passed:
             permanent.append(label)
-            continue
+            context.log.warning(f"{summary}; eval gate failed: {outcome.gate.reason}")
+            return
         try:
             published = publish(settings, w)
         except Exception as exc:  # the drive is unreachable: lost work, requested again
             lost.append(label)
-            context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
-            continue
-        from lora_assets.drive.publish import adapter_prefix
-
+            context.log.error(f"{summary}; not published ({type(exc).__name__}): {exc}")
+            return
         recording.materialize(
             context, published_key(w.mode), key, published.version,
             md.publish_metadata(published, adapter_prefix(w.user, base_model, w.mode)),
-            inputs=[(adapter_key(w.mode), key)],
+            upstream=[(adapter_key(w.mode), adapter)],
         )
-        context.log.info(f"[{w.name}] published {published.version} (flipped: {published.flipped})")
+        context.log.info(f"{summary}; published {published.version}")
+
+    base = loaded_base_model(base_model, settings.home)
+    train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)
     if permanent or lost:
         raise Failure(
             description=f"{len(permanent) + len(lost)} of {len(works)} adapters not published: "
             + ", ".join(sorted(permanent + lost)),
             metadata={PERMANENT_FAILURES: json.dumps(sorted(permanent))},
         )
+
+
+def already_published(instance, works: list[AdapterWork], partition: dict, datasets: dict) -> set[AdapterWork]:
+    """Works whose latest adapter was trained on the current dataset version and published since."""
+    done = set()
+    for mode in sorted({w.mode for w in works}):
+        keys = [partition[w] for w in works if w.mode == mode]
+        adapters = recording.latest_materializations(instance, adapter_key(mode), keys)
+        published = recording.latest_materializations(instance, published_key(mode), keys)
+        for w in (w for w in works if w.mode == mode):
+            adapter, dataset = adapters.get(partition[w]), datasets[mode].get(w.user)
+            pub = published.get(partition[w])
+            if adapter is None or dataset is None or pub is None or pub.storage_id < adapter.storage_id:
+                continue
+            trained_on = adapter.asset_materialization.metadata.get("dataset_version")
+            if trained_on is not None and trained_on.value == dataset.asset_materialization.tags.get("dagster/data_version"):
+                done.add(w)
+    return done
 
 
 @job(

@@ -44,9 +44,22 @@ def dataset_metadata(refreshed: RefreshedDataset) -> dict[str, Any]:
         "build": refreshed.report.how,
         "changed_records": refreshed.report.changed_records,
         "content_hash": refreshed.version,
+        "skipped_records": len(refreshed.report.skipped),
+        **({"skipped_ids": ", ".join(sorted(refreshed.report.skipped)[:20])
+            + (f" (+{len(refreshed.report.skipped) - 20} more)" if len(refreshed.report.skipped) > 20 else "")}
+           if refreshed.report.skipped else {}),
         "location": MetadataValue.path(refreshed.location),
         "preview": preview(df),
     }
+
+
+def skipped_warning(mode: str, user: str, refreshed: RefreshedDataset) -> str | None:
+    """The warning a dataset build logs when it skipped records no mode can use."""
+    skipped = refreshed.report.skipped
+    if not skipped:
+        return None
+    shown = "; ".join(f"{i}: {why}" for i, why in sorted(skipped.items())[:5])
+    return f"{mode}/{user}: skipped {len(skipped)} unusable record(s): {shown}" + (" ..." if len(skipped) > 5 else "")
 
 
 def publish_metadata(published, prefix: str) -> dict[str, Any]:

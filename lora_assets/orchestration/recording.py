@@ -100,16 +100,19 @@ def materialize(
     partition: str,
     data_version: str,
     metadata: Mapping[str, Any],
-    inputs: Sequence[tuple[AssetKey, str]] = (),
+    upstream: Sequence[tuple[AssetKey, Any]] = (),
 ) -> None:
-    """Record a partition's materialization with the data-version tags asset execution adds."""
+    """Record a partition's materialization with the data-version tags asset execution adds.
+
+    ``upstream``: (asset key, its latest materialization record or None) per input partition;
+    callers fetch them in bulk with ``latest_materializations``.
+    """
     provenance: dict[str, str] = {
         DATA_VERSION_TAG: data_version,
         DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
         CODE_VERSION_TAG: context.run_id,
     }
-    for input_key, input_partition in inputs:
-        record = latest_materialization(context.instance, input_key, input_partition)
+    for input_key, record in upstream:
         if record is not None:
             upstream = record.asset_materialization.tags.get(DATA_VERSION_TAG)
             if upstream:
@@ -127,10 +130,11 @@ def check(
     partition: str,
     passed: bool,
     metadata: Mapping[str, Any],
+    target_record: Any,
     description: str | None = None,
 ) -> None:
-    """Record a blocking check's verdict on a partition, linked to its latest materialization."""
-    record = latest_materialization(context.instance, key, partition)
+    """Record a blocking check's verdict on a partition, linked to the materialization it judged."""
+    record = target_record
     target = (
         AssetCheckEvaluationTargetMaterializationData(
             storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp

@@ -34,6 +34,11 @@ class LoraAssetsHome(ConfigurableResource):
     fuse: int | None = None
     torch_threads: int | None = None
     max_attempts: int | None = None
+    max_record_bytes: int | None = None
+    max_field_chars: int | None = None
+    max_list_items: int | None = None
+    max_depth: int | None = None
+    staged_grace_s: float | None = None
 
     def settings(self) -> Settings:
         return Settings.from_env(**{k: v for k, v in self.model_dump().items() if v is not None})

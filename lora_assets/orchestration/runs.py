@@ -41,7 +41,10 @@ def register_base_model_partition(instance: DagsterInstance, key: str) -> bool:
 
 
 def run_dataset_batch(
-    instance: DagsterInstance, changes: Mapping[str, Sequence[str]], resources: LoraAssetsHome
+    instance: DagsterInstance,
+    changes: Mapping[str, Sequence[str]],
+    resources: LoraAssetsHome,
+    tags: Mapping[str, str] | None = None,
 ) -> ExecuteInProcessResult:
     """One ``dataset_batch`` run: each user's ``changes`` sources and the datasets that read them."""
     return dataset_batch_job.execute_in_process(
@@ -50,7 +53,7 @@ def run_dataset_batch(
         }}}},
         instance=instance,
         resources={"lora_home": resources},
-        tags={**CLI_TAGS, "lora_assets/users": ",".join(changes)},
+        tags={**CLI_TAGS, "lora_assets/users": ",".join(changes), **(tags or {})},
         raise_on_error=False,
     )
 

@@ -32,6 +32,7 @@ from dagster import (
     AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
@@ -244,15 +245,26 @@ def trained_versions(instance: DagsterInstance, mode: str, partitions: Sequence[
     return out
 
 
-def in_flight(instance: DagsterInstance) -> tuple[set[tuple[str, str, str, str]], int]:
-    """(base model, user, mode, dataset version) of every queued or running adapter batch, and
-    how many such runs there are (bounded by the queue, not by the users)."""
+@dataclass(frozen=True)
+class InFlight:
+    """The adapter batch runs not finished yet (bounded by the queue, not by the users)."""
+
+    items: frozenset[tuple[str, str, str, str]]  # (base model, user, mode, dataset version)
+    runs: int
+    waiting: int  # change-triggered runs queued, not started: new changes can join the next batch instead
+
+
+def in_flight(instance: DagsterInstance) -> InFlight:
     runs = instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES)))
     items = set()
     for run in runs:
         config = _config(run, "train_adapters")
         items.update((config["base_model"], i["user"], i["mode"], i.get("dataset_version", "")) for i in config["items"])
-    return items, len(runs)
+    waiting = sum(
+        r.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED) and r.tags.get(TRIGGER_TAG) == "dataset_changed"
+        for r in runs
+    )
+    return InFlight(frozenset(items), len(runs), waiting)
 
 
 def adapter_is_current(instance: DagsterInstance, mode: str, partition: str, version: str) -> bool:
@@ -262,7 +274,7 @@ def adapter_is_current(instance: DagsterInstance, mode: str, partition: str, ver
     from lora_assets.orchestration.partitions import split_adapter_key
 
     base, user = split_adapter_key(partition)
-    return (base, user, mode, version) in in_flight(instance)[0]
+    return (base, user, mode, version) in in_flight(instance).items
 
 
 @dataclass
@@ -318,7 +330,10 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     after: dict[str, int] = state.setdefault("datasets", {})
     latest: dict[tuple[str, str], str] = {}  # (user, mode) -> newest dataset version this tick
     run_finished: dict[str, bool] = {}
-    for mode in MODES:
+    flying = in_flight(instance)
+    # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
+    # they join the next batch when that run starts, instead of queueing runs of a few users.
+    for mode in MODES if not flying.waiting else ():
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=dataset_key(mode), after_storage_id=after.get(mode)),
             limit=DATASET_BATCH,
@@ -339,7 +354,6 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
             else:
                 latest.pop((record.partition_key, mode), None)  # nothing to learn from (yet): no adapter
 
-    flying, queued = in_flight(instance)
     bases = active_base_models(instance)
     pending = _Pending.empty()
     for mode in MODES:
@@ -349,7 +363,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
             trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
             for partition, user in partitions.items():
                 version = latest[(user, mode)]
-                if trained.get(partition) != version and (base, user, mode, version) not in flying:
+                if trained.get(partition) != version and (base, user, mode, version) not in flying.items:
                     pending.add(base, user, mode, version)
     tick = _digest(after)
     requests = pending.requests(settings.users_per_run, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
@@ -375,7 +389,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
             TRIGGER_TAG: "retry", ATTEMPT_TAG: str(batch.attempt + 1), "lora_assets/retry_of": batch.run.run_id,
         }))
 
-    room = MAX_QUEUED_TRAINING_RUNS - queued - len(requests)
+    room = MAX_QUEUED_TRAINING_RUNS - flying.runs - len(requests)
     backfills = state.setdefault("backfills", {})
     for backfill_id, request in sorted(backfill_requests(instance).items()):
         if room <= 0:
@@ -383,7 +397,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         if backfills.get(backfill_id) == "done":
             continue
         planned, backfills[backfill_id], skipped = plan_backfill_page(
-            instance, request["base_model"], backfills.get(backfill_id), room * settings.users_per_run, flying
+            instance, request["base_model"], backfills.get(backfill_id), room * settings.users_per_run, flying.items
         )
         if skipped:
             context.log.info(f"backfill {backfill_id}: skipped (no training data) {skipped}")
@@ -394,7 +408,9 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
 
     cursor = json.dumps(state, sort_keys=True)
     if not requests:
-        return SensorResult(skip_reason=SkipReason("no new dataset versions to train"), cursor=cursor)
+        reason = ("a training run is waiting in the queue; new dataset versions join the next batch"
+                  if flying.waiting else "no new dataset versions to train")
+        return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
     for request in requests:
         context.log.info(f"training run {request.run_key}: {request.tags['lora_assets/base_model']} "
                          f"{request.tags['lora_assets/modes']} for {request.tags[USERS_TAG]}")

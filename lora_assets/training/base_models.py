@@ -99,10 +99,34 @@ def register_base_model(key: str, path: str | Path, home: Path | None = None) ->
     src = Path(path).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise BaseModelError(f"{src} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(src)
     registry = _read_registry(home)
     registry[key] = str(src)
     _atomic_write_text(_registry_path(home), json.dumps(registry, indent=2, sort_keys=True))
     return resolve_base_model(key, home)
+
+
+def check_model_dir(path: Path) -> None:
+    """Load a directory's config, tokenizer and weights and run one forward pass, so a model that
+    cannot train never becomes a base model every change would launch failing runs for."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    step = "config.json"
+    try:
+        AutoConfig.from_pretrained(path)
+        step = "the tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        step = "the weights"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        step = "a forward pass"
+        ids = tokenizer("hello", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            raise ValueError("the logits are not finite")
+    except Exception as exc:  # transformers raises many kinds: say which step failed and why
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BaseModelError(f"{path} cannot be used as a base model: loading {step} failed: {message}") from None
 
 
 def known_base_models(home: Path | None = None) -> list[str]:

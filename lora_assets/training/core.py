@@ -61,13 +61,17 @@ def train_adapters(
     home: Path | None = None,
     on_trained: Callable[[TrainJob, Any], None] | None = None,
     fuse: int = DEFAULT_FUSE,
+    on_saved: Callable[[TrainJob, TrainResult], None] | None = None,
 ) -> list[TrainResult]:
     """Train every job's adapter on one loaded base model; write each as a PEFT folder.
 
     All jobs are validated before any training starts, so a bad job fails the call without
     leaving a half-written adapter anywhere. Each adapter is written to a temporary sibling and
     renamed into place, so ``output_dir`` holds either the previous adapter or the new one.
-    ``fuse`` bounds how many jobs share a pass; 1 trains every job alone.
+    ``fuse`` bounds how many jobs share a pass; 1 trains every job alone. ``on_saved(job,
+    result)`` is called as soon as each adapter is on disk and the base model is free again
+    (after each sequential job, after each fused group), so a caller can evaluate, publish and
+    report while the rest trains.
     """
     for job in jobs:
         validate_job(job)
@@ -78,6 +82,8 @@ def train_adapters(
         key = fusion_key(job) if fuse > 1 else None
         if key is None:
             results[i] = _train_one(job, base, progress, on_trained)
+            if on_saved is not None:
+                on_saved(job, results[i])
         else:
             groups[key].append(i)
     for members in groups.values():
@@ -85,6 +91,9 @@ def train_adapters(
             chunk = members[start : start + fuse]
             fused = train_fused([jobs[i] for i in chunk], base, progress, on_trained, _save_adapter_for(base))
             results.update(zip(chunk, fused))
+            for i, result in zip(chunk, fused):
+                if on_saved is not None:
+                    on_saved(jobs[i], result)
     return [results[i] for i in range(len(jobs))]
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_assets.lora_spec import LoraSpec
+from lora_assets.lora_spec import LoraSpec, StepBudget
 from lora_assets.objective import SFT, Objective
 
 
@@ -27,8 +26,8 @@ class TrainJob:
     eval: Sequence[Any] = ()
     objective: Objective = field(default_factory=SFT)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    max_steps: int | None = 20  # step budget; when None, ``epochs`` decides
-    epochs: float = 1.0  # used only when max_steps is None
+    max_steps: int | None = 20  # a fixed step budget; when None, ``budget`` decides
+    budget: StepBudget = field(default_factory=StepBudget)  # epochs over ``train``, within bounds
     batch_size: int = 8
     max_length: int = 128  # tokens per example, prompt truncated from the left first
     learning_rate: float = 1e-3  # high for LoRA, but runs are tens of steps, not thousands
@@ -38,12 +37,12 @@ class TrainJob:
 
     @property
     def steps(self) -> int:
-        """The step budget: ``max_steps``, or ``epochs`` over the training examples."""
+        """The step budget: ``max_steps``, or the ``budget``'s epochs over the training examples."""
         if self.max_steps is not None:
             if self.max_steps < 1:
                 raise InvalidTrainingData(f"job {self.name!r}: max_steps must be >= 1")
             return self.max_steps
-        return max(1, math.ceil(self.epochs * len(self.train) / self.batch_size))
+        return self.budget.steps(len(self.train), self.batch_size)
 
 
 @dataclass
