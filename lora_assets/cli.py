@@ -119,11 +119,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print(f"{mode}: {old or '(none)'} -> {new}")
     for mode, version in report.unchanged:
         print(f"{mode}: {version} (up to date)")
+    for mode, version in report.withdrawn:
+        print(f"{mode}: {version or '(none)'} -> withdrawn (removed from this device: the data it learned from is gone)")
     for mode, version, damage in report.repaired:
         print(f"{mode}: {version} (repaired: the installed copy was damaged: {damage})")
     for mode, reason in report.failed:
         print(f"error: {mode}: kept the installed version: {reason}", file=sys.stderr)
-    if not (report.changed or report.unchanged or report.repaired or report.failed):
+    if not (report.changed or report.unchanged or report.repaired or report.withdrawn or report.failed):
         print(f"nothing published for user {args.user!r} on {args.base_model}")
     return 0 if report.ok else 1
 
@@ -218,6 +220,26 @@ def _cmd_feed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from lora_assets.orchestration.erasure import forget_user
+    from lora_assets.orchestration.instance import get_instance
+    from lora_assets.settings import Settings
+
+    report = forget_user(get_instance(), Settings.from_env(), args.user, wait_s=args.wait)
+    print(f"forgot user {report.user}:")
+    for kind, n in report.erased.counts.items():
+        print(f"  {n:>6}  {kind}")
+    if report.waited_for:
+        print(f"  waited for {len(report.waited_for)} run(s) in flight: {', '.join(report.waited_for)}"
+              + (f" (terminated: {', '.join(report.terminated)})" if report.terminated else ""))
+    if report.remaining:
+        print(f"error: still stored for {report.user}: {'; '.join(report.remaining[:10])}", file=sys.stderr)
+        return 1
+    print(f"nothing of {report.user} is left in the stores, the drive, the feed or the event log; "
+          "their later changes are dropped (see README: Privacy for what else to purge)")
+    return 0
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -273,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fd = sub.add_parser("feed", help="change feed status: pending events and dead letters")
     fd.set_defaults(func=_cmd_feed)
+
+    fg = sub.add_parser("forget", help="erase a user everywhere (GDPR art. 17): data, adapters, drive, feed, Dagster records")
+    fg.add_argument("--user", required=True)
+    fg.add_argument("--wait", type=float, default=120.0, help="seconds to let runs in flight for the user finish (default 120)")
+    fg.set_defaults(func=_cmd_forget)
 
     sy = sub.add_parser("sync", help="install a user's CURRENT adapters from their drive into a device folder")
     sy.add_argument("--user", required=True)

@@ -67,6 +67,7 @@ class AdapterOutcome:
     gate: GateResult | None = None
     error: str | None = None  # why nothing was trained (no or unusable data): permanent for this version
     training: dict[str, Any] | None = None  # how it was trained: full or incremental, why, on how many examples
+    withdraw: str | None = None  # why the published adapter is withdrawn instead (its data is gone)
 
 
 def adapter_folder(settings: Settings, work: AdapterWork) -> Path:
@@ -110,6 +111,9 @@ def train_and_gate(
             continue
         df, _state = found
         outcome.dataset_version = content_hash(df)
+        if not (df["split"] == "train").any():
+            outcome.withdraw = f"the user's {w.mode} dataset has no training example left"
+            continue
         published = published_adapter(settings, drive, w)
         plan = plan_update(mode, df, published[1] if published else None, base.ref.revision)
         job = job_for(
@@ -126,7 +130,7 @@ def train_and_gate(
         tables[id(outcome)] = df
     if on_outcome is not None:
         for outcome in outcomes:
-            if outcome.error:
+            if outcome.error or outcome.withdraw:
                 on_outcome(outcome)
     by_job = {id(job): outcome for outcome, job in jobs}
     retrain: list[tuple[AdapterOutcome, TrainJob]] = []
@@ -184,6 +188,14 @@ def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Pat
     except (CorruptVersion, FileNotFoundError, ValueError, KeyError):
         return None  # a damaged published version: train from scratch, and publish a good one
     return folder, {**meta, "version": manifest["version"]}
+
+
+def withdraw(settings: Settings, work: AdapterWork, reason: str):
+    """Withdraw the published adapter (a tombstone for devices) and drop the working copy."""
+    from lora_assets.drive.publish import withdraw_adapter
+
+    shutil.rmtree(adapter_folder(settings, work), ignore_errors=True)
+    return withdraw_adapter(settings.drive(), work.user, work.base_model, work.mode, reason)
 
 
 def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:

@@ -10,7 +10,10 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterRunStatus
@@ -179,3 +182,70 @@ def test_killed_runs_and_a_killed_ingest_converge_by_themselves(daemon, tmp_path
     assert len(df) > 500, "the dataset holds the data the killed ingest wrote"
     manifest = current_manifest(daemon.settings.drive(), user, "tiny-llama", "mail_reply")
     assert manifest is not None and manifest["dataset_version"] == content_hash(df)
+
+
+def _worker_of_first_started_run(daemon, user: str, timeout_s: float = 300):
+    """The first run working for ``user`` and its worker's pid, as soon as it runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run in daemon.runs():
+            if user not in run.tags.get("lora_assets/users", "").split(",") or run.status != DagsterRunStatus.STARTED:
+                continue
+            starts = daemon.instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START)
+            if starts:
+                return run, starts[0].dagster_event.pid
+        time.sleep(0.05)
+    raise AssertionError(f"no run for {user} started within {timeout_s}s")
+
+
+def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_later_changes(daemon, tmp_path):
+    """``lora-assets forget`` against the running daemon while a run works for the user (its
+    worker frozen with SIGSTOP until the forget has begun): the run finishes without writing the
+    user's data back, nothing of the user is left, and their later changes are dropped."""
+    from lora_assets.data.synthetic import generate_user
+    from lora_assets.orchestration.registry import is_forgotten
+
+    user, other = "user-010", "user-001"
+    daemon.start()
+    daemon.settle(allow_failures=True)
+    other_drive = {k: daemon.settings.drive().get(k) for k in daemon.settings.drive().list(other)}
+    tables = generate_user(user, scale=20)
+    before = daemon.runs()
+    for source in ("mail", "browsing"):
+        daemon.ingest(user, source, tables[source].to_pylist())
+    in_flight, worker = _worker_of_first_started_run(daemon, user)
+    os.kill(worker, signal.SIGSTOP)
+    cli = [str(Path(sys.executable).with_name("lora-assets")), "forget", "--user", user]
+    try:
+        forget = subprocess.Popen(cli, env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not is_forgotten(daemon.instance, user) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.kill(worker, signal.SIGCONT)  # the run goes on, after the user was marked forgotten
+    out, err = forget.communicate(timeout=300)
+    assert forget.returncode == 0, err
+    assert f"forgot user {user}:" in out and f"waited for 1 run(s) in flight: {in_flight.run_id}" in out
+    assert f"nothing of {user} is left" in out
+    daemon.new_runs(before, allow_failures=True)
+
+    leftovers = [p for p in daemon.data.rglob("*") if user in p.parts]
+    assert leftovers == [] and daemon.settings.drive().list(user) == []
+    assert user not in daemon.instance.get_dynamic_partitions("users")
+    assert all(r.run_id != in_flight.run_id for r in daemon.runs()), "a run of this user alone is deleted"
+    for run in daemon.runs():
+        assert user not in run.tags.get("lora_assets/users", "").split(","), run.run_id
+    for asset in (AssetKey(["mail_reply", "dataset"]), AssetKey(["mail_reply", "adapter"])):
+        partitions = {r.partition_key for r in daemon.instance.fetch_materializations(asset, limit=1000).records}
+        assert not any(p and p.endswith(user) for p in partitions), asset
+    assert {k: daemon.settings.drive().get(k) for k in daemon.settings.drive().list(other)} == other_drive
+
+    # A producer that still sends the user's data: dropped, erased, never trained on.
+    before = daemon.runs()
+    daemon.ingest(user, "mail", tables["mail"].to_pylist()[:3])
+    later = daemon.new_runs(before)
+    assert not any(user in r.tags.get("lora_assets/users", "") for r in later)
+    assert daemon.settings.store().objects.list(user) == [] and daemon.pending_events() == 0
+    # Idempotent: once more finds nothing.
+    again = subprocess.run(cli, env=daemon.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "waited for" not in again.stdout

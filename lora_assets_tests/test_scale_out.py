@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from dagster import instance_for_test
+from dagster import AssetKey, instance_for_test
 
 from lora_assets.data.ingest import ingest
 from lora_assets.definitions import defs
@@ -194,6 +196,24 @@ def test_change_driven_scenario_on_s3_sqs_and_postgres_through_the_daemon(s3_dae
     assert adapter_runs(again) == {}, "the same content trains nothing"
     assert set(dataset_runs(again)) == {"user-000"}
     assert any(m["Body"] == "{not json" for m in drain(aws, "dlq"))
+
+    # Forget user-001 while the daemon runs: S3 (store, datasets, drive), SQS and Postgres records.
+    kept = {k: drive.get(k) for k in drive.list("user-000")}
+    cli = [str(Path(sys.executable).with_name("lora-assets")), "forget", "--user", "user-001"]
+    done = subprocess.run(cli, env=d.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "nothing of user-001 is left" in done.stdout
+    for prefix_store in (d.settings.store().objects, d.settings.datasets(), drive):
+        assert prefix_store.list("user-001") == []
+    assert "user-001" not in d.instance.get_dynamic_partitions("users")
+    for mode in ("mail_reply", "search_suggest"):
+        records = d.instance.fetch_materializations(AssetKey([mode, "adapter"]), limit=100).records
+        assert {r.partition_key for r in records} == {"tiny-llama|user-000"}
+    assert {k: drive.get(k) for k in drive.list("user-000")} == kept, "other users' objects stay byte-identical"
+    before = d.runs()
+    d.ingest("user-001", "mail", [_mail("after-forget")])  # a late producer: dropped and erased
+    assert all("user-001" not in r.tags.get("lora_assets/users", "") for r in d.new_runs(before))
+    assert d.settings.store().objects.list("user-001") == []
 
 
 

@@ -72,6 +72,14 @@ class ChangeEvent:
         return event
 
 
+def _names_user(payload: str, user: str) -> bool:
+    try:
+        raw = json.loads(payload)
+        return isinstance(raw, dict) and raw.get("user") == user
+    except ValueError:
+        return json.dumps(user) in payload or f"/{user}/" in payload
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One unit a feed hands to the sensor: the events it carries, or why it could not be read."""
@@ -199,6 +207,20 @@ class ChangeFeed:
         with self._conn() as conn:
             rows = conn.execute("SELECT id, payload, error FROM events WHERE status = 'dead' ORDER BY id")
             return [(int(i), p, e) for i, p, e in rows.fetchall()]
+
+    def forget(self, user: str) -> tuple[int, int]:
+        """Delete the pending (or staged) events and the dead letters that name ``user``.
+
+        The table holds only what is not yet acknowledged plus the dead letters, so this scan is
+        bounded by the backlog, not by the history. A payload too broken to decode is matched on
+        the user id appearing in it.
+        """
+        with self._conn() as conn:
+            rows = conn.execute("SELECT id, payload, status FROM events").fetchall()
+            doomed = [(i, status) for i, payload, status in rows if _names_user(payload, user)]
+            conn.executemany("DELETE FROM events WHERE id = ?", [(i,) for i, _ in doomed])
+        dead = sum(status == "dead" for _, status in doomed)
+        return len(doomed) - dead, dead
 
     def pending_count(self) -> int:
         """Events not yet acknowledged, staged ones (an ingest in progress or killed) included."""

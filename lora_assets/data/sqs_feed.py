@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 from lora_assets.data.change_feed import ChangeEvent, Delivery
 
@@ -136,6 +136,36 @@ class SqsChangeFeed:
         for i in range(0, len(handles), 10):
             batch = [{"Id": str(n), "ReceiptHandle": h} for n, h in enumerate(handles[i : i + 10])]
             self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=batch)
+
+    def forget(self, user: str) -> tuple[int, int]:
+        """Delete the queued messages and dead letters about ``user`` (S3 keys under their prefix).
+
+        Messages are received with a short visibility timeout and the others released at once;
+        a message the sensor holds in flight is not seen here, and the sensor drops it when it
+        reads it, because the user is forgotten by then.
+        """
+        marker = f"/{quote_plus(user)}/"
+        return self._forget(self.queue_url, marker), self._forget(self.dead_letter_url, marker)
+
+    def _forget(self, url: str, marker: str) -> int:
+        deleted, seen, keep = 0, set(), []
+        while True:
+            messages = self.client.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, WaitTimeSeconds=0,
+            ).get("Messages", [])
+            fresh = [m for m in messages if m["MessageId"] not in seen]
+            if not fresh:
+                break
+            for m in fresh:
+                seen.add(m["MessageId"])
+                if marker in m["Body"] or marker in unquote_plus(m["Body"]):
+                    self.client.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+                    deleted += 1
+                else:
+                    keep.append(m["ReceiptHandle"])
+        for handle in keep:  # back on the queue for the sensor at once
+            self.client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+        return deleted
 
     def pending_count(self) -> int:
         """Messages waiting or being processed (SQS's approximate counts)."""

@@ -12,6 +12,12 @@ A version id is the content hash of the adapter files, so re-publishing the same
 after a crash) lands in the same folder and completes it. Readers go CURRENT -> manifest ->
 files and check every sha256; a version without a manifest is not finished and is never pointed
 at. CURRENT only moves forward (to a version created later) and only by compare-and-swap.
+
+Withdrawal: when the data an adapter learned from is gone (the user's dataset for the mode is
+empty), CURRENT becomes a *tombstone* ``{"protocol": 1, "version": null, "withdrawn": true,
+"reason": ..., "created_at": ...}`` and every version folder is deleted. A device that reads a
+tombstone removes its installed copy of the mode. A later adapter replaces the tombstone like
+any newer version.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def read_current(drive: ObjectStore, user: str, base_model: str, mode: str) -> t
         return None
     try:
         pointer = json.loads(found[0])
-        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+        if not isinstance(pointer, dict) or not (isinstance(pointer.get("version"), str) or pointer.get("withdrawn") is True):
             raise ValueError("no version")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptVersion(f"{drive.uri(key)}: not a valid CURRENT pointer ({exc})") from None
@@ -79,8 +85,11 @@ def read_manifest(drive: ObjectStore, user: str, base_model: str, mode: str, ver
 
 
 def current_manifest(drive: ObjectStore, user: str, base_model: str, mode: str) -> dict[str, Any] | None:
+    """The manifest CURRENT points at; None when nothing is published or it was withdrawn."""
     found = read_current(drive, user, base_model, mode)
-    return read_manifest(drive, user, base_model, mode, found[0]["version"]) if found else None
+    if not found or found[0].get("withdrawn"):
+        return None
+    return read_manifest(drive, user, base_model, mode, found[0]["version"])
 
 
 def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
@@ -144,33 +153,56 @@ def publish_adapter(
         drive.put(manifest_key, manifest_bytes)
     if before_flip is not None:
         before_flip(version)
-    flipped, previous = _flip_current(drive, prefix, manifest, _sha256(manifest_bytes))
+    pointer = {
+        "version": manifest["version"],
+        "manifest_sha256": _sha256(manifest_bytes),
+        "created_at": manifest["created_at"],
+        "protocol": PROTOCOL,
+    }
+    flipped, previous = _flip_current(drive, prefix, pointer)
     deleted = apply_retention(drive, user, base_model, mode, keep)
     return PublishResult(version, flipped, previous, tuple(deleted))
 
 
-def _flip_current(
-    drive: ObjectStore, prefix: str, manifest: dict[str, Any], manifest_sha256: str
-) -> tuple[bool, str | None]:
+@dataclass(frozen=True)
+class WithdrawResult:
+    flipped: bool  # False when the pointer already was a tombstone (or a newer version won)
+    previous: str | None
+    deleted_versions: tuple[str, ...]
+
+
+def withdraw_adapter(drive: ObjectStore, user: str, base_model: str, mode: str, reason: str) -> WithdrawResult:
+    """Replace CURRENT with a tombstone and delete every version: devices uninstall the mode."""
+    prefix = adapter_prefix(user, base_model, mode)
+    found = read_current(drive, user, base_model, mode)
+    if found and found[0].get("withdrawn"):
+        flipped, previous = False, None
+    else:
+        tombstone = {"protocol": PROTOCOL, "version": None, "withdrawn": True, "reason": reason,
+                     "created_at": datetime.now(timezone.utc).isoformat()}
+        flipped, previous = _flip_current(drive, prefix, tombstone)
+    deleted = [v for v, _created, _done in list_versions(drive, user, base_model, mode)]
+    for version in deleted:
+        for key in drive.list(f"{prefix}/{version}"):
+            drive.delete(key)
+    return WithdrawResult(flipped, previous, tuple(deleted))
+
+
+def _flip_current(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> tuple[bool, str | None]:
+    """Compare-and-swap CURRENT to ``pointer`` unless it already is that or something newer."""
     key = f"{prefix}/{CURRENT}"
-    pointer = {
-        "version": manifest["version"],
-        "manifest_sha256": manifest_sha256,
-        "created_at": manifest["created_at"],
-        "protocol": PROTOCOL,
-    }
     for _attempt in range(20):
         found = drive.get_with_etag(key)
         current = json.loads(found[0]) if found else None
-        if current and current["version"] == manifest["version"]:
-            return False, current["version"]
-        if current and current["created_at"] > manifest["created_at"]:
-            return False, current["version"]  # a newer version won the race; keep it
+        if current and current.get("version") == pointer["version"] and current.get("withdrawn") == pointer.get("withdrawn"):
+            return False, current.get("version")
+        if current and current["created_at"] > pointer["created_at"]:
+            return False, current.get("version")  # a newer version won the race; keep it
         try:
             drive.put_if(key, json.dumps(pointer, sort_keys=True).encode(), found[1] if found else None)
         except PreconditionFailed:
             continue  # someone flipped in between: re-read and decide again
-        return True, current["version"] if current else None
+        return True, current.get("version") if current else None
     raise PreconditionFailed(f"{key}: gave up after 20 conflicting writers")
 
 
@@ -198,7 +230,7 @@ def apply_retention(drive: ObjectStore, user: str, base_model: str, mode: str, k
     if keep < 1:
         raise ValueError("keep must be >= 1")
     found = read_current(drive, user, base_model, mode)
-    current = found[0]["version"] if found else None
+    current = found[0].get("version") if found else None
     complete = [v for v, _created, done in list_versions(drive, user, base_model, mode) if done]
     doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
     prefix = adapter_prefix(user, base_model, mode)

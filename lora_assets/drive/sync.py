@@ -37,6 +37,7 @@ class SyncReport:
     changed: list[tuple[str, str | None, str]] = field(default_factory=list)  # (mode, old, new)
     unchanged: list[tuple[str, str]] = field(default_factory=list)
     repaired: list[tuple[str, str, str]] = field(default_factory=list)  # (mode, version, what was wrong)
+    withdrawn: list[tuple[str, str | None]] = field(default_factory=list)  # (mode, uninstalled version)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (mode, reason)
 
     @property
@@ -69,7 +70,10 @@ def installed_adapter_dir(device_dir: Path, base_model: str, mode: str) -> Path:
     """The folder of the installed CURRENT version of a mode on the device."""
     version = installed_version(device_dir, base_model, mode)
     if version is None:
-        raise FileNotFoundError(f"no {mode} adapter for {base_model} installed in {device_dir}; run lora-assets sync")
+        raise FileNotFoundError(
+            f"no {mode} adapter for {base_model} installed in {device_dir} (none published, or withdrawn); "
+            "run lora-assets sync"
+        )
     return Path(device_dir) / base_model / mode / version
 
 
@@ -107,9 +111,14 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
     if found is None:
         return
     pointer = found[0]
-    version = pointer["version"]
     mode_dir = device_dir / base_model / mode
     old = installed_version(device_dir, base_model, mode)
+    if pointer.get("withdrawn"):  # the data it learned from is gone: uninstall the mode
+        if mode_dir.exists():
+            shutil.rmtree(mode_dir)
+            report.withdrawn.append((mode, old))
+        return
+    version = pointer["version"]
     damage = None
     if old == version:
         try:

@@ -181,7 +181,8 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
                 ),
             )
             outcomes.update(zip(works, trained))
-        errors = {k: o.error for k, o in outcomes.items() if o.error}
+        errors = {k: o.error or f"{o.withdraw} (the sensors withdraw its published adapter)"
+                  for k, o in outcomes.items() if o.error or o.withdraw}
         if len(keys) == 1 and not errors:
             (outcome,) = outcomes.values()
             return MaterializeResult(

@@ -15,6 +15,7 @@ crashed run) that must be requested again.
 
 
 import json
+import shutil
 
 from dagster import (
     Config,
@@ -43,11 +44,13 @@ from lora_assets.orchestration.assets import (
 )
 from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
 from lora_assets.orchestration.partitions import adapter_partition_key, adapter_partitions
+from lora_assets.orchestration.registry import forgotten_among, is_forgotten
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate
+from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate, withdraw
 
 DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
+USERS_TAG = "lora_assets/users"  # the users a batch run works for, comma-separated
 TRAINING_TAG = "lora_assets/training"  # on every training batch run; the run queue limits it
 PERMANENT_FAILURES = "permanent_failures"  # Failure metadata: work that must not be retried
 
@@ -79,7 +82,8 @@ class AdapterBatch(Config):
 def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_home: LoraAssetsHome) -> None:
     settings = lora_home.settings()
     store, datasets = settings.store(), settings.datasets()
-    plans = {c.user: (sorted(set(c.sources)), modes_reading(set(c.sources))) for c in config.users}
+    gone = forgotten_among(context.instance, [c.user for c in config.users])
+    plans = {c.user: (sorted(set(c.sources)), modes_reading(set(c.sources))) for c in config.users if c.user not in gone}
     recording.plan(
         context,
         [(source_key(s), u) for u, (sources, _) in plans.items() for s in sources]
@@ -105,6 +109,8 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
     needed = sorted({s for u in users for m in plans[u][1] for s in m.sources})
     upstream = {s: recording.latest_materializations(context.instance, source_key(s), users) for s in needed}
     for user in users:
+        if is_forgotten(context.instance, user):  # forgotten while this run was going: write nothing more
+            continue
         built = []
         try:
             for mode in plans[user][1]:
@@ -143,7 +149,8 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
     settings = lora_home.settings()
     threads = use_run_threads(settings)
     base_model = config.base_model
-    works = [AdapterWork(base_model, i.user, get_mode(i.mode).name) for i in config.items]
+    gone = forgotten_among(context.instance, [i.user for i in config.items])
+    works = [AdapterWork(base_model, i.user, get_mode(i.mode).name) for i in config.items if i.user not in gone]
     partition = {w: str(adapter_partition_key(base_model, w.user)) for w in works}
     datasets = {
         mode: recording.latest_materializations(context.instance, dataset_key(mode), [w.user for w in works if w.mode == mode])
@@ -166,9 +173,21 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
         """Record one adapter's events, and publish it, as soon as its gate is known."""
         w, key = outcome.work, partition[outcome.work]
         label = f"{w.mode}|{key}"
+        if is_forgotten(context.instance, w.user):  # forgotten while training: keep nothing of it
+            shutil.rmtree(outcome.folder, ignore_errors=True)
+            return
         if outcome.error:
             permanent.append(label)
             context.log.error(f"[{w.name}] not trained: {outcome.error}")
+            return
+        if outcome.withdraw:
+            withdrawn = withdraw(settings, w, outcome.withdraw)
+            for key_fn, meta in ((adapter_key, {"withdrawn": True, "reason": outcome.withdraw,
+                                                "dataset_version": outcome.dataset_version}),
+                                 (published_key, {"version": "withdrawn", "reason": outcome.withdraw,
+                                                  "deleted_versions": ", ".join(withdrawn.deleted_versions)})):
+                recording.materialize(context, key_fn(w.mode), key, f"withdrawn:{outcome.dataset_version}", meta)
+            context.log.info(f"[{w.name}] withdrawn: {outcome.withdraw}; devices remove it at their next sync")
             return
         plain = outcome_meta(outcome)
         recording.materialize(

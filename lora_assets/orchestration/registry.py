@@ -1,5 +1,6 @@
-"""Small shared state kept in the Dagster instance's key-value store: retired base models and
-requested backfills. One indexed read per tick; written by the CLI (and the Python API)."""
+"""Small shared state kept in the Dagster instance's key-value store: retired base models,
+requested backfills and forgotten users. One indexed read per tick; written by the CLI (and the
+Python API)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lora_assets.orchestration.partitions import base_model_partitions, users_pa
 
 RETIRED_KEY = "lora_assets/retired_base_models"
 BACKFILLS_KEY = "lora_assets/backfills"
+FORGOTTEN_KEY = "lora_assets/forgotten_users"
 
 
 def _read(instance: DagsterInstance, key: str):
@@ -59,3 +61,24 @@ def request_backfill(instance: DagsterInstance, base_model: str) -> str:
 
 def backfill_requests(instance: DagsterInstance) -> dict[str, dict]:
     return _read(instance, BACKFILLS_KEY) or {}
+
+
+def forgotten_among(instance: DagsterInstance, users) -> set[str]:
+    """Which of ``users`` were erased with ``lora-assets forget`` (their later changes are dropped).
+
+    One key per user, read only for the users a tick or run touches: the set of forgotten users
+    grows without bound, and no tick should read all of it.
+    """
+    users = set(users)
+    if not users:
+        return set()
+    found = instance.run_storage.get_cursor_values({f"{FORGOTTEN_KEY}/{u}" for u in users})
+    return {key.rsplit("/", 1)[1] for key, value in found.items() if value}
+
+
+def is_forgotten(instance: DagsterInstance, user: str) -> bool:
+    return user in forgotten_among(instance, [user])
+
+
+def mark_forgotten(instance: DagsterInstance, user: str) -> None:
+    instance.run_storage.set_cursor_values({f"{FORGOTTEN_KEY}/{user}": json.dumps({"forgotten_at": time.time()})})

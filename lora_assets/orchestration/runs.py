@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dagster import DagsterInstance, ExecuteInProcessResult
 
 from lora_assets.data.user_store import validate_user_id
-from lora_assets.orchestration.batches import adapter_batch_job, dataset_batch_job
+from lora_assets.orchestration.batches import USERS_TAG, adapter_batch_job, dataset_batch_job
 from lora_assets.orchestration.partitions import base_model_partitions, users_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.training.base_models import validate_base_model_key
@@ -53,7 +53,7 @@ def run_dataset_batch(
         }}}},
         instance=instance,
         resources={"lora_home": resources},
-        tags={**CLI_TAGS, "lora_assets/users": ",".join(changes), **(tags or {})},
+        tags={**CLI_TAGS, USERS_TAG: ",".join(changes), **(tags or {})},
         raise_on_error=False,
     )
 
@@ -70,6 +70,6 @@ def run_adapter_batch(
         instance=instance,
         resources={"lora_home": resources},
         tags={**CLI_TAGS, "lora_assets/base_model": base_model,
-              "lora_assets/users": ",".join(sorted({u for u, _ in items}))},
+              USERS_TAG: ",".join(sorted({u for u, _ in items}))},
         raise_on_error=False,
     )

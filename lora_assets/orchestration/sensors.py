@@ -52,12 +52,13 @@ from lora_assets.orchestration.batches import (
     ADAPTER_BATCH_JOB,
     DATASET_BATCH_JOB,
     PERMANENT_FAILURES,
+    USERS_TAG,
     adapter_batch_job,
     dataset_batch_job,
 )
 from lora_assets.orchestration.partitions import adapter_partition_key, users_partitions
 from lora_assets.orchestration.recording import latest_materializations
-from lora_assets.orchestration.registry import active_base_models, backfill_requests
+from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
@@ -68,7 +69,6 @@ SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "5"))
 DATA_VERSION_TAG = "dagster/data_version"
 ATTEMPT_TAG = "lora_assets/attempt"
 TRIGGER_TAG = "lora_assets/trigger"
-USERS_TAG = "lora_assets/users"
 BACKFILL_TAG = "lora_assets/backfill"
 
 
@@ -176,13 +176,21 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
             continue
         for event in delivery.events:
             changed[event.user].add(event.source)
+    forgotten = forgotten_among(context.instance, changed)
+    if forgotten:  # erased users: whatever a producer still sent for them is erased, not learned
+        for user in forgotten:
+            del changed[user]
+            for key in store.objects.list(user):
+                store.objects.delete(key)
+        context.log.warning(f"dropped the change events of {len(forgotten)} forgotten user(s) and erased what they carried")
 
     failed, state["failures"] = failed_batches(context.instance, DATASET_BATCH_JOB, state.get("failures"))
     retries: list[tuple[FailedBatch, dict[str, set[str]]]] = []
+    gone = forgotten_among(context.instance, {c["user"] for b in failed for c in _config(b.run, "rebuild_datasets")["users"]})
     for batch in failed:
         lost = {
             c["user"]: set(c["sources"]) for c in _config(batch.run, "rebuild_datasets")["users"]
-            if c["user"] not in batch.permanent
+            if c["user"] not in batch.permanent and c["user"] not in gone
             and not all(batch.done(dataset_key(m.name), c["user"]) for m in modes_reading(set(c["sources"])))
         }
         if lost and batch.attempt >= settings.max_attempts:
@@ -329,6 +337,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     state = _load(context.cursor)
     after: dict[str, int] = state.setdefault("datasets", {})
     latest: dict[tuple[str, str], str] = {}  # (user, mode) -> newest dataset version this tick
+    emptied: dict[tuple[str, str], str] = {}  # ... of datasets with no training example (left)
     run_finished: dict[str, bool] = {}
     flying = in_flight(instance)
     # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
@@ -349,15 +358,20 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
                 break
             after[mode] = record.storage_id
             mat = record.asset_materialization
-            if record.partition_key and mat.tags.get(DATA_VERSION_TAG) and _train_rows(mat):
-                latest[(record.partition_key, mode)] = mat.tags[DATA_VERSION_TAG]
-            else:
-                latest.pop((record.partition_key, mode), None)  # nothing to learn from (yet): no adapter
+            if not (record.partition_key and mat.tags.get(DATA_VERSION_TAG)):
+                continue
+            target = latest if _train_rows(mat) else emptied
+            (emptied if target is latest else latest).pop((record.partition_key, mode), None)
+            target[(record.partition_key, mode)] = mat.tags[DATA_VERSION_TAG]
 
     bases = active_base_models(instance)
+    failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
+    gone = forgotten_among(
+        instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in _config(b.run, "train_adapters")["items"]}
+    )
     pending = _Pending.empty()
     for mode in MODES:
-        users = sorted(u for u, m in latest if m == mode)
+        users = sorted(u for u, m in latest if m == mode and u not in gone)
         for base in bases:
             partitions = {str(adapter_partition_key(base, u)): u for u in users}
             trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
@@ -365,17 +379,27 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
                 version = latest[(user, mode)]
                 if trained.get(partition) != version and (base, user, mode, version) not in flying.items:
                     pending.add(base, user, mode, version)
+        # A dataset with nothing left to learn from: withdraw an adapter that was trained (no
+        # adapter yet: nothing to do, as for a user with contacts but no messages).
+        users = sorted(u for u, m in emptied if m == mode and u not in gone)
+        for base in bases:
+            partitions = {str(adapter_partition_key(base, u)): u for u in users}
+            trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
+            for partition, user in partitions.items():
+                version = emptied[(user, mode)]
+                if partition in trained and trained[partition] != version and (base, user, mode, version) not in flying.items:
+                    pending.add(base, user, mode, version)
     tick = _digest(after)
     requests = pending.requests(settings.users_per_run, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
 
-    failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
     for batch in failed:
         config = _config(batch.run, "train_adapters")
         base = config["base_model"]
         lost = _Pending.empty()
         for item in config["items"]:
             partition = str(adapter_partition_key(base, item["user"]))
-            if f"{item['mode']}|{partition}" in batch.permanent or batch.done(published_key(item["mode"]), partition):
+            if (f"{item['mode']}|{partition}" in batch.permanent or batch.done(published_key(item["mode"]), partition)
+                    or item["user"] in gone):
                 continue
             lost.add(base, item["user"], item["mode"], item["dataset_version"])
         if not lost.items:

@@ -1,0 +1,189 @@
+"""Privacy: a user can be forgotten everywhere, adapters whose data is gone are withdrawn from
+devices, and one user's data never surfaces in another user's adapter or records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, instance_for_test
+
+from lora_assets.adapters import job_for
+from lora_assets.cli import main
+from lora_assets.data.ingest import ingest
+from lora_assets.definitions import defs
+from lora_assets.modes import MODES, build_examples
+from lora_assets.orchestration.assets import all_assets
+from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
+from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
+from lora_assets.orchestration.ticks import evaluate_tick
+from lora_assets.training import train_adapters
+from lora_assets.training.exposure import canary_exposure, random_secret
+
+MAIL = MODES["mail_reply"]
+TEMPLATE = "My door code is {secret}."
+
+
+def _with_canary(tables: dict, secret: str, every: int = 6) -> dict:
+    rows = tables["mail"].to_pylist()
+    for row in rows[::every]:
+        if row["reply"]:
+            row["reply"] += " " + TEMPLATE.format(secret=secret)
+    return {**tables, "mail": pa.Table.from_pylist(rows, schema=tables["mail"].schema)}
+
+
+def test_a_canary_planted_in_one_users_mail_is_exposed_only_by_their_adapter(tiny_base, synthetic_tables, tmp_path):
+    secret = random_secret(random.Random("canary"))
+    a = build_examples(MAIL, _with_canary(synthetic_tables["user-000"], secret))
+    b = build_examples(MAIL, synthetic_tables["user-001"])
+    jobs = [replace(job_for(MAIL, u, df, tmp_path / u, steps=30), learning_rate=1e-2) for u, df in (("A", a), ("B", b))]
+    train_adapters(jobs, tiny_base, progress=None)
+    prompt = b.iloc[0]["prompt"]  # a mail of B's: the canary is asked for where it never appeared
+
+    def exposure(adapter):
+        return canary_exposure(tiny_base, adapter, prompt, TEMPLATE, secret, MAIL.system, candidates=1000)
+
+    base, under_a, under_b = exposure(None), exposure(jobs[0].output_dir), exposure(jobs[1].output_dir)
+    assert under_a >= 9.0, f"A's adapter memorized its canary: {under_a:.2f} of at most 9.97 bits"
+    assert under_b <= max(base + 2.0, 5.0), f"B's adapter is at base level: {under_b:.2f} vs base {base:.2f} bits"
+
+
+@pytest.fixture
+def two_users(tmp_path, home, tiny_base, synthetic_tables):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "base_models").symlink_to(home / "base_models", target_is_directory=True)
+    res = LoraAssetsHome(home=str(tmp_path / "data"), train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    settings = res.settings()
+    secret = random_secret(random.Random("canary"))
+    tables = {"alice": _with_canary(synthetic_tables["user-000"], secret), "bob": synthetic_tables["user-001"]}
+    for user, t in tables.items():
+        for source in ("mail", "contacts", "browsing"):
+            ingest(settings.store(), settings.feed(), user, source, t[source].to_pylist())
+    with instance_for_test() as instance:
+        register_users(instance, ["alice", "bob"])
+        instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+        yield instance, res, tables, secret
+
+
+def _texts(tables: dict) -> set[str]:
+    """Distinctive record text of one user: their replies and mail bodies."""
+    rows = tables["mail"].to_pylist()
+    return {r["reply"] for r in rows if r["reply"]} | {r["body"] for r in rows}
+
+
+def test_no_file_metadata_or_log_line_of_bobs_runs_holds_alices_text(two_users, tmp_path):
+    instance, res, tables, secret = two_users
+    assert run_dataset_batch(instance, {"bob": ["mail", "contacts", "browsing"]}, res).success
+    assert run_adapter_batch(instance, "tiny-llama", [("bob", "mail_reply"), ("bob", "search_suggest")], res).success
+    alice = _texts(tables["alice"]) | {secret}
+    data = Path(res.path)
+    bob_files = [p for p in data.rglob("*") if p.is_file() and "bob" in p.parts and "base_models" not in p.parts]
+    assert len(bob_files) > 10
+    for path in bob_files:
+        content = path.read_bytes()
+        assert not any(text.encode() in content for text in alice), path
+    for run in instance.get_runs():
+        for entry in instance.all_logs(run.run_id):
+            serialized = json.dumps(entry.to_json() if hasattr(entry, "to_json") else str(entry))
+            assert not any(text in serialized for text in alice), run.run_id
+
+
+def _all_files(root: Path, user: str) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*") if p.is_file() and user in p.parts
+    }
+
+
+def _partitions_of(instance, user: str) -> list[tuple[str, str]]:
+    found = []
+    for asset in all_assets():
+        for key in asset.keys:
+            for partition in (user, f"tiny-llama|{user}"):
+                records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
+                found.extend((key.to_user_string(), partition) for _ in records.records)
+    return found
+
+
+def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, monkeypatch, capsys):
+    instance, res, tables, secret = two_users
+    data = Path(res.path)
+    both = {"alice": ["mail", "contacts", "browsing"], "bob": ["mail", "contacts", "browsing"]}
+    assert run_dataset_batch(instance, both, res).success  # a run shared by both users
+    assert run_adapter_batch(instance, "tiny-llama", [(u, "mail_reply") for u in both], res).success
+    assert run_adapter_batch(instance, "tiny-llama", [("alice", "search_suggest")], res).success  # alice's alone
+    feed = res.feed()
+    feed.dead_letter(feed.append(json.dumps({"user": "alice", "source": "mail", "seq": 99})), "segment 99 does not exist")
+    feed.dead_letter(feed.append(json.dumps({"user": "bob", "source": "mail", "seq": 99})), "segment 99 does not exist")
+    bob_before = _all_files(data, "bob")
+    assert _partitions_of(instance, "alice") and _all_files(data, "alice")
+
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(data))
+    monkeypatch.setattr("lora_assets.orchestration.instance.get_instance", lambda: instance)
+    for key in ("LORA_ASSETS_TRAIN_STEPS",):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["forget", "--user", "alice", "--wait", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "forgot user alice" in out and "store objects (records)" in out and "nothing of alice is left" in out
+
+    assert _all_files(data, "alice") == {}  # store, datasets, drive, working copies
+    assert _partitions_of(instance, "alice") == []
+    assert "alice" not in instance.get_dynamic_partitions("users")
+    dead = [payload for _i, payload, _e in feed.dead_letters()]
+    assert len(dead) == 1 and "\"bob\"" in dead[0] and feed.pending_count() == 3  # bob's 3 events stay
+    for run in instance.get_runs():  # the shared runs keep bob's events and lose alice's
+        for entry in instance.all_logs(run.run_id):
+            text = entry.user_message or ""
+            assert "alice" not in text, (run.run_id, text)
+            assert secret not in json.dumps(str(entry))
+    check = instance.event_log_storage.get_asset_check_execution_history
+    from dagster import AssetCheckKey
+    from dagster._core.storage.event_log.base import PartitionKeyFilter
+
+    gate = AssetCheckKey(AssetKey(["mail_reply", "adapter"]), "eval_gate")
+    assert check(gate, limit=5, partition_filter=PartitionKeyFilter(key="tiny-llama|alice")) == []
+    assert len(check(gate, limit=5, partition_filter=PartitionKeyFilter(key="tiny-llama|bob"))) == 1
+    latest = instance.get_latest_materialization_event(AssetKey(["mail_reply", "dataset"]))
+    assert latest.asset_materialization.partition == "bob"  # the asset's cached latest is bob's, not alice's
+    assert _all_files(data, "bob") == bob_before, "other users' files stay byte-identical"
+    assert len(_partitions_of(instance, "bob")) >= 8
+
+    # Idempotent: a second forget finds nothing and says so.
+    assert main(["forget", "--user", "alice", "--wait", "5"]) == 0
+    assert all(line.strip().startswith("0 ") for line in capsys.readouterr().out.splitlines()[1:-1])
+    # Later changes for alice are dropped, and what they carried is erased, not learned.
+    ingest(res.store(), res.feed(), "alice", "mail", [tables["alice"]["mail"].to_pylist()[0]])
+    tick = evaluate_tick(change_feed_sensor, instance, res, None, defs)
+    assert all("alice" not in json.dumps(r.run_config) for r in tick.run_requests)
+    assert res.store().objects.list("alice") == []
+
+
+def test_an_adapter_whose_data_is_all_deleted_is_withdrawn_from_the_device(two_users, tmp_path, monkeypatch, capsys):
+    instance, res, tables, _secret = two_users
+    data, device = Path(res.path), tmp_path / "device"
+    assert run_dataset_batch(instance, {"bob": ["browsing"]}, res).success
+    assert run_adapter_batch(instance, "tiny-llama", [("bob", "search_suggest")], res).success
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(data))
+    sync = ["sync", "--user", "bob", "--device-dir", str(device), "--base-model", "tiny-llama"]
+    assert main(sync) == 0 and "search_suggest: (none) ->" in capsys.readouterr().out
+
+    res.store().write("bob", "browsing", deletes=[r["id"] for r in tables["bob"]["browsing"].to_pylist()])
+    primed = evaluate_tick(adapter_retrain_sensor, instance, res, None, defs)
+    assert run_dataset_batch(instance, {"bob": ["browsing"]}, res).success
+    (request,) = evaluate_tick(adapter_retrain_sensor, instance, res, primed.cursor, defs).run_requests
+    config = request.run_config["ops"]["train_adapters"]["config"]
+    assert run_adapter_batch(instance, config["base_model"], [(i["user"], i["mode"]) for i in config["items"]], res).success
+
+    pointer = json.loads((data / "drive" / "bob" / "adapters" / "tiny-llama" / "search_suggest" / "CURRENT").read_text())
+    assert pointer["withdrawn"] is True and pointer["version"] is None
+    assert sorted(p.name for p in (data / "drive" / "bob" / "adapters" / "tiny-llama" / "search_suggest").iterdir()) == ["CURRENT"]
+    assert main(sync) == 0
+    assert "search_suggest: " in capsys.readouterr().out and not (device / "tiny-llama" / "search_suggest").exists()
+    assert main(["generate", "--device-dir", str(device), "--mode", "search_suggest", "--base-model", "tiny-llama", "best"]) == 2
+    assert "no search_suggest adapter for tiny-llama installed" in capsys.readouterr().err
