@@ -133,6 +133,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
     import shutil
+    import signal
 
     from lora_assets.orchestration.instance import ensure_dagster_home
     from lora_assets.paths import PROJECT_ROOT
@@ -143,6 +144,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     target = ["-w", str(workspace)] if workspace.exists() else ["-m", "lora_assets.definitions"]
     cmd = [dagster, "dev", *target, "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={home} {' '.join(cmd)}", flush=True)
+    # A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored
+    # across exec and in every child: dagster dev, its webserver and daemon would then ignore
+    # Ctrl-C and the SIGINT dagster dev sends them on SIGTERM. Default dispositions first.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     os.execv(cmd[0], cmd)  # dagster dev runs the webserver and the daemon (sensors, backfills)
     return 0  # pragma: no cover
 
@@ -240,6 +246,54 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from lora_assets.data.user_store import validate_user_id
+    from lora_assets.modes import MODES
+    from lora_assets.orchestration.instance import get_instance
+    from lora_assets.orchestration.partitions import users_partitions
+    from lora_assets.orchestration.status import FRESH, status
+    from lora_assets.settings import Settings
+
+    instance = get_instance()
+    if args.user is not None:
+        validate_user_id(args.user)
+        if not instance.has_dynamic_partition(users_partitions.name, args.user):
+            print(f"error: user {args.user!r} is not registered (nothing ingested for them, or forgotten)", file=sys.stderr)
+            return 2
+    if args.mode is not None and args.mode not in MODES:
+        print(f"error: unknown mode {args.mode!r}; modes: {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    report = status(instance, Settings.from_env().feed(), args.user, args.mode, args.base_model)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        return 0
+
+    def when(ts: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) if ts else "-"
+
+    rows = []
+    for a in report.adapters:
+        gate = "-" if a.gate is None else (
+            f"{'pass' if a.gate.passed else 'FAIL'} {a.gate.base_eval_loss} -> {a.gate.adapter_eval_loss}")
+        published = f"{a.published_version} {when(a.published_at)}" if a.published_version else "-"
+        rows.append([a.base_model, a.user, a.mode, a.state, (a.dataset_version or "-")[:12],
+                     (a.trained_on or "-")[:12], published, gate, "" if a.state == FRESH else a.why])
+    if rows:
+        _print_table(["base model", "user", "mode", "state", "dataset", "trained on", "published (UTC)",
+                      "gate (base -> adapter loss)", "why"], rows)
+    for a in report.adapters:
+        if a.last_failure and a.state != FRESH:
+            f = a.last_failure
+            print(f"last failure for {a.user}: {f['job']} run {f['run_id']} at {when(f['at'])}: {f['error']}")
+            break
+    totals = ", ".join(f"{n} {state}" for state, n in report.totals().items() if n)
+    print(f"{len(report.adapters)} adapters: {totals or 'none'}; {report.live_runs} adapter runs in flight; "
+          f"change feed: {report.pending_events} pending events, {report.dead_letters} dead letters")
+    return 0
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -268,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     demo.add_argument("--modes", nargs="*", help="modes to train (default: all)")
     demo.add_argument(
-        "--steps", type=int, default=12, help="steps per adapter (default 12: SmolLM2 demo < 10 min on 2 CPU cores)"
+        "--steps", type=int, default=None,
+        help="fixed steps per adapter (default: each mode's step budget, as in sensor and backfill runs)"
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -295,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     fd = sub.add_parser("feed", help="change feed status: pending events and dead letters")
     fd.set_defaults(func=_cmd_feed)
+
+    st = sub.add_parser("status", help="per base model x user x mode: fresh or stale and why, gate, published version")
+    st.add_argument("--user", help="one user (fast: indexed reads, whatever the number of users)")
+    st.add_argument("--mode", help="one mode")
+    st.add_argument("--base-model", help="one base model (default: every active one)")
+    st.add_argument("--json", action="store_true", help="machine-readable output (schema: README, Status)")
+    st.set_defaults(func=_cmd_status)
 
     fg = sub.add_parser("forget", help="erase a user everywhere (GDPR art. 17): data, adapters, drive, feed, Dagster records")
     fg.add_argument("--user", required=True)

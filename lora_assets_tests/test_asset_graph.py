@@ -104,7 +104,9 @@ def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_e
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == base.config.vocab_size
 
-    (mat,) = result.asset_materializations_for_node("mail_reply__adapter")
+    adapter_mat, published_mat = result.asset_materializations_for_node("mail_reply__adapter")
+    assert published_mat.asset_key == AssetKey(["mail_reply", "published"])  # it published itself
+    mat = adapter_mat
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert mat.partition == "tiny-llama|user-000"
     assert meta["base_model"] == "tiny-llama"
@@ -151,43 +153,38 @@ def test_a_stored_record_no_mode_can_use_is_skipped_and_reported(dagster_env):
     assert meta["skipped_records"].value == 0
 
 
-def test_a_run_over_several_adapter_partitions_loads_the_base_once(dagster_env, monkeypatch):
-    """Backfill runs carry a partition range; the asset trains them all on one base load."""
-    import lora_assets.orchestration.base_cache as base_cache
-    import lora_assets.training as training
-
-    instance, data, _ = dagster_env
-    for user in ("user-000", "user-001"):
-        assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], user).success
-    loads = []
-    real_load = training.load_base_model
-    monkeypatch.setattr(training, "load_base_model", lambda *a: loads.append(a) or real_load(*a))
-    base_cache._cached.clear()
-
-    keys = instance.get_dynamic_partitions("users")
+def test_an_adapter_materialized_alone_publishes_itself_once_its_gate_passes(dagster_env):
+    """An adapter-only backfill or "Materialize" from the UI: devices get the adapter without a
+    second action, the verdict is linked to its materialization, and a failed gate publishes nothing."""
     from lora_assets.drive.publish import read_current
     from lora_assets.orchestration.assets import published_key
+    from lora_assets.orchestration.recording import latest_materialization
 
-    result = materialize(
-        all_assets(),
-        selection=[adapter_key("search_suggest"), published_key("search_suggest")],
-        instance=instance,
-        resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4)},
-        tags={
-            "dagster/asset_partition_range_start": f"tiny-llama|{keys[0]}",
-            "dagster/asset_partition_range_end": f"tiny-llama|{keys[-1]}",
-        },
-    )
-    assert result.success
-    assert len(loads) == 1
-    parts = sorted(m.partition for m in result.asset_materializations_for_node("search_suggest__adapter"))
-    assert parts == ["tiny-llama|user-000", "tiny-llama|user-001"]
-    checks = sorted((e.partition, e.passed) for e in result.get_asset_check_evaluations() if e.partition)
-    assert checks == [("tiny-llama|user-000", True), ("tiny-llama|user-001", True)]
-    drive = LoraAssetsHome(home=str(data)).drive()
-    for user in keys:
-        assert (data / "adapters" / "tiny-llama" / user / "search_suggest" / "adapter_model.safetensors").exists()
-        assert read_current(drive, user, "tiny-llama", "search_suggest") is not None
+    instance, data, _ = dagster_env
+    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], "user-000").success
+    partition, drive = "tiny-llama|user-000", LoraAssetsHome(home=str(data)).drive()
+
+    def adapter_only(margin: float):
+        return materialize(
+            all_assets(), selection=[adapter_key("search_suggest")], partition_key=partition, instance=instance,
+            resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4, gate_margin=margin)},
+            raise_on_error=False,
+        )
+
+    failed = adapter_only(margin=100.0)
+    (verdict,) = failed.get_asset_check_evaluations()
+    assert not verdict.passed and read_current(drive, "user-000", "tiny-llama", "search_suggest") is None
+    assert latest_materialization(instance, published_key("search_suggest"), partition) is None
+
+    passed = adapter_only(margin=0.0)
+    (verdict,) = passed.get_asset_check_evaluations()
+    adapter = latest_materialization(instance, adapter_key("search_suggest"), partition)
+    assert verdict.passed and verdict.partition == partition
+    assert verdict.target_materialization_data.storage_id == adapter.storage_id
+    published = latest_materialization(instance, published_key("search_suggest"), partition)
+    assert published is not None and published.run_id == passed.run_id
+    pointer, _ = read_current(drive, "user-000", "tiny-llama", "search_suggest")
+    assert pointer["version"] == published.asset_materialization.metadata["version"].value
 
 
 def test_eval_gate_blocks_publication_and_shows_as_a_failed_check(dagster_env):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,49 @@ def test_a_base_model_that_cannot_load_is_not_registered(in_process, cli_env, tm
     assert in_process("base-model", "list") == 0
     listing = capsys.readouterr().out
     assert "bare" not in listing and "noweights" not in listing
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ui_started_in_the_background_stops_with_its_children_on_sigterm_and_sigint(cli_env, sig):
+    """As ``lora-assets ui &`` from a script: the shell starts it with SIGINT ignored."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("lora-assets")
+
+    def as_background_job():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.setpgrp()  # its own group, so the test can find every child it leaves
+
+    ui = subprocess.Popen([str(exe), "ui", "--port", str(port)], env=cli_env, preexec_fn=as_background_job,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the UI did not come up")
+        ui.send_signal(sig)
+        assert ui.wait(timeout=60) is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(ui.pid):
+            time.sleep(0.5)
+        assert not _group_alive(ui.pid), "children of lora-assets ui outlived it"
+    finally:
+        if _group_alive(ui.pid):
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, instance_for_test
+from dagster import AssetKey, AssetRecordsFilter, instance_for_test
 
 from lora_assets.adapters import job_for
 from lora_assets.cli import main
@@ -121,6 +121,10 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     feed = res.feed()
     feed.dead_letter(feed.append(json.dumps({"user": "alice", "source": "mail", "seq": 99})), "segment 99 does not exist")
     feed.dead_letter(feed.append(json.dumps({"user": "bob", "source": "mail", "seq": 99})), "segment 99 does not exist")
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(data))
+    device = data.parent / "alices-phone"
+    sync = ["sync", "--user", "alice", "--device-dir", str(device), "--base-model", "tiny-llama"]
+    assert main(sync) == 0 and (device / "tiny-llama" / "mail_reply").is_dir()
     bob_before = _all_files(data, "bob")
     assert _partitions_of(instance, "alice") and _all_files(data, "alice")
 
@@ -154,6 +158,11 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     assert _all_files(data, "bob") == bob_before, "other users' files stay byte-identical"
     assert len(_partitions_of(instance, "bob")) >= 8
 
+    capsys.readouterr()
+    assert main(sync) == 0  # her phone drops what was learned from her data
+    synced = capsys.readouterr().out
+    assert "mail_reply: " in synced and "-> withdrawn" in synced
+    assert not any((device / "tiny-llama").iterdir())
     # Idempotent: a second forget finds nothing and says so.
     assert main(["forget", "--user", "alice", "--wait", "5"]) == 0
     assert all(line.strip().startswith("0 ") for line in capsys.readouterr().out.splitlines()[1:-1])

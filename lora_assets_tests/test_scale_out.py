@@ -197,6 +197,15 @@ def test_change_driven_scenario_on_s3_sqs_and_postgres_through_the_daemon(s3_dae
     assert set(dataset_runs(again)) == {"user-000"}
     assert any(m["Body"] == "{not json" for m in drain(aws, "dlq"))
 
+    # status on S3 + Postgres: fresh, with the published version the drive serves.
+    shown = subprocess.run([str(Path(sys.executable).with_name("lora-assets")), "status", "--user", "user-000", "--json"],
+                           env=d.env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    report = {a["mode"]: a for a in json.loads(shown.stdout)["adapters"]}
+    pointer, _ = read_current(drive, "user-000", "tiny-llama", "mail_reply")
+    assert report["mail_reply"]["state"] == "fresh" and report["mail_reply"]["published_version"] == pointer["version"]
+    assert report["photo_caption"]["state"] == "no_data"
+
     # Forget user-001 while the daemon runs: S3 (store, datasets, drive), SQS and Postgres records.
     kept = {k: drive.get(k) for k in drive.list("user-000")}
     cli = [str(Path(sys.executable).with_name("lora-assets")), "forget", "--user", "user-001"]

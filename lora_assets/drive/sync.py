@@ -97,11 +97,20 @@ def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str
     device_dir = Path(device_dir)
     if device_dir.exists() and not device_dir.is_dir():
         raise NotADirectoryError(f"device dir {device_dir} is a file, not a directory")
-    for mode in published_modes(drive, user, base_model):
+    published = published_modes(drive, user, base_model)
+    for mode in published:
         try:
             _sync_mode(drive, user, device_dir, base_model, mode, report)
         except (CorruptVersion, OSError, ValueError, KeyError) as exc:
             report.failed.append((mode, str(exc)))
+    # A mode installed here with no CURRENT left on the drive: the user was erased (forget).
+    # Treated as a tombstone: the adapter learned from data that no longer exists anywhere.
+    installed = device_dir / base_model
+    for mode_dir in sorted(installed.iterdir()) if installed.is_dir() else ():
+        if mode_dir.is_dir() and mode_dir.name not in published and not mode_dir.name.startswith("."):
+            old = installed_version(device_dir, base_model, mode_dir.name)
+            shutil.rmtree(mode_dir)
+            report.withdrawn.append((mode_dir.name, old))
     return report
 
 

@@ -13,13 +13,11 @@ import warnings
 from typing import Any
 
 from dagster import (
-    AssetCheckEvaluation,
     AssetCheckResult,
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
     AssetKey,
-    AssetMaterialization,
     AssetsDefinition,
     BackfillPolicy,
     DataVersion,
@@ -36,6 +34,7 @@ from lora_assets.modes import MODES, Mode
 from lora_assets.orchestration import metadata as md
 from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
 from lora_assets.orchestration.partitions import (
+    adapter_partition_key,
     adapter_partitions,
     split_adapter_key,
     users_partitions,
@@ -51,7 +50,6 @@ from lora_assets.pipeline import (
 
 OWNERS = ["team:ml-platform"]
 TRAINING_POOL = "training"
-ADAPTER_PARTITIONS_PER_RUN = 8  # Dagster backfills train up to this many adapters per run, one base load
 GATE_CHECK = "eval_gate"
 
 
@@ -157,7 +155,7 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
         kinds={"pytorch", "safetensors"},
         owners=OWNERS,
         pool=TRAINING_POOL,
-        backfill_policy=BackfillPolicy.multi_run(ADAPTER_PARTITIONS_PER_RUN),
+        backfill_policy=BackfillPolicy.multi_run(1),
         check_specs=[gate_spec(mode)],
         description=(
             f"{mode.description} A LoRA adapter (r={mode.lora.r}, alpha={mode.lora.alpha} on "
@@ -168,55 +166,47 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
     def _adapter(context: AssetExecutionContext, lora_home: LoraAssetsHome):
         settings = lora_home.settings()
         use_run_threads(settings)
-        keys = list(context.partition_keys)
-        outcomes = {}
-        for base_model in sorted({split_adapter_key(k)[0] for k in keys}):
-            works = {k: AdapterWork(base_model, split_adapter_key(k)[1], mode.name) for k in keys
-                     if split_adapter_key(k)[0] == base_model}
-            trained = train_and_gate(
-                settings, loaded_base_model(base_model, settings.home), list(works.values()),
-                progress=progress_logger(context),
-                on_outcome=lambda o: context.log.info(
-                    f"[{o.work.name}] " + (f"not trained: {o.error}" if o.error else f"eval gate: {o.gate.reason}")
-                ),
-            )
-            outcomes.update(zip(works, trained))
-        errors = {k: o.error or f"{o.withdraw} (the sensors withdraw its published adapter)"
-                  for k, o in outcomes.items() if o.error or o.withdraw}
-        if len(keys) == 1 and not errors:
-            (outcome,) = outcomes.values()
-            return MaterializeResult(
-                data_version=DataVersion(outcome_meta(outcome)["sha256"]),
-                metadata=md.adapter_metadata(outcome_meta(outcome)),
-                check_results=[AssetCheckResult(check_name=GATE_CHECK, passed=outcome.gate.passed,
-                                                metadata=md.gate_metadata(outcome.gate))],
-            )
-        # A range (Dagster backfill): metadata and gate verdict per partition. The published step
-        # re-reads each partition's verdict, since one blocking result cannot speak for a range.
-        for key, outcome in outcomes.items():
-            if outcome.error:
-                continue
-            # Metadata only: Dagster materializes each partition of the range itself.
-            context.add_asset_metadata(md.adapter_metadata(outcome_meta(outcome)), partition_key=key)
-            context.log_event(AssetCheckEvaluation(
-                asset_key=adapter_key(mode.name), check_name=GATE_CHECK, passed=outcome.gate.passed,
-                metadata=md.gate_metadata(outcome.gate), partition=key, blocking=True,
-            ))
-        if errors:
-            raise Failure(f"{mode.name}: not trained: " + "; ".join(f"{k}: {e}" for k, e in sorted(errors.items())))
-        failed = sorted(k for k, o in outcomes.items() if not o.gate.passed)
-        return MaterializeResult(
-            check_results=[
-                AssetCheckResult(
-                    check_name=GATE_CHECK,
-                    passed=True,
-                    description="Range run: verdicts are recorded per partition",
-                    metadata={"partitions": len(outcomes), "failed_partitions": ", ".join(failed)},
-                )
-            ]
+        base_model, user = split_adapter_key(context.partition_key)
+        work = AdapterWork(base_model, user, mode.name)
+        (outcome,) = train_and_gate(
+            settings, loaded_base_model(base_model, settings.home), [work], progress=progress_logger(context),
         )
+        if outcome.error or outcome.withdraw:
+            raise Failure(f"{work.name}: not trained: {outcome.error or outcome.withdraw}"
+                          + (" (the sensors withdraw its published adapter)" if outcome.withdraw else ""))
+        context.log.info(f"[{work.name}] eval gate: {outcome.gate.reason}")
+        meta = outcome_meta(outcome)
+        yield MaterializeResult(
+            data_version=DataVersion(meta["sha256"]),
+            metadata=md.adapter_metadata(meta),
+            check_results=[AssetCheckResult(check_name=GATE_CHECK, passed=outcome.gate.passed,
+                                            metadata=md.gate_metadata(outcome.gate))],
+        )
+        if outcome.gate.passed and published_key(mode.name) not in context.job_def.asset_layer.selected_asset_keys:
+            # The adapter was materialized without its published asset (say, an adapter-only
+            # backfill from the UI): publication follows the gate here, so devices get it.
+            publish_and_record(context, settings, work)
 
     return _adapter
+
+
+def publish_and_record(context, settings, work: AdapterWork, adapter_record=None):
+    """Publish a gated adapter to the user's drive and record its ``published`` materialization
+    (lineage: the adapter materialization it published). Returns what was published."""
+    from lora_assets.drive.publish import adapter_prefix
+    from lora_assets.orchestration import recording
+
+    partition = str(adapter_partition_key(work.base_model, work.user))
+    if adapter_record is None:
+        adapter_record = recording.latest_materialization(context.instance, adapter_key(work.mode), partition)
+    published = publish(settings, work)
+    recording.materialize(
+        context, published_key(work.mode), partition, published.version,
+        md.publish_metadata(published, adapter_prefix(work.user, work.base_model, work.mode)),
+        upstream=[(adapter_key(work.mode), adapter_record)],
+    )
+    context.log.info(f"[{work.name}] published {published.version} (flipped: {published.flipped})")
+    return published
 
 
 def outcome_meta(outcome) -> dict[str, Any]:
@@ -241,7 +231,7 @@ def build_published_asset(mode: Mode) -> AssetsDefinition:
         group_name=mode.name,
         kinds={"safetensors", "folder"},
         owners=OWNERS,
-        backfill_policy=BackfillPolicy.multi_run(ADAPTER_PARTITIONS_PER_RUN),
+        backfill_policy=BackfillPolicy.multi_run(1),
         description=(
             f"The {mode.name} adapter as published to the user's drive: an immutable version folder "
             "with a manifest of sha256s, and the CURRENT pointer devices sync from. Runs only when "
@@ -252,27 +242,13 @@ def build_published_asset(mode: Mode) -> AssetsDefinition:
         from lora_assets.drive.publish import adapter_prefix
 
         settings = lora_home.settings()
-        results, gated = {}, []
-        for key in context.partition_keys:
-            base_model, user = split_adapter_key(key)
-            published = publish(settings, AdapterWork(base_model, user, mode.name))
-            if published is None:
-                # Blocking checks stop this step in single-partition runs; backfill runs reach
-                # here with every partition, so the gate is re-read per partition.
-                gated.append(key)
-                continue
-            context.log.info(f"[{user}/{mode.name}] published {published.version} (flipped: {published.flipped})")
-            results[key] = md.publish_metadata(published, adapter_prefix(user, base_model, mode.name))
-        if gated:
-            for key, meta in results.items():  # record what did get published, then fail
-                context.log_event(AssetMaterialization(published_key(mode.name), partition=key, metadata=meta))
-            raise Failure(f"{mode.name}: not published, the eval gate did not pass for {', '.join(sorted(gated))}")
-        if len(results) == 1:
-            (meta,) = results.values()
-            return MaterializeResult(data_version=DataVersion(meta["version"]), metadata=meta)
-        for key, meta in results.items():
-            context.add_asset_metadata(meta, partition_key=key)
-        return MaterializeResult()
+        base_model, user = split_adapter_key(context.partition_key)
+        published = publish(settings, AdapterWork(base_model, user, mode.name))
+        if published is None:  # the blocking gate stops this step first; this is the second lock
+            raise Failure(f"{mode.name}: not published, the eval gate did not pass for {context.partition_key}")
+        context.log.info(f"[{user}/{mode.name}] published {published.version} (flipped: {published.flipped})")
+        meta = md.publish_metadata(published, adapter_prefix(user, base_model, mode.name))
+        return MaterializeResult(data_version=DataVersion(meta["version"]), metadata=meta)
 
     return _published
 

@@ -38,6 +38,7 @@ from lora_assets.orchestration.assets import (
     dataset_key,
     outcome_meta,
     progress_logger,
+    publish_and_record,
     published_key,
     source_key,
     source_metadata,
@@ -46,7 +47,7 @@ from lora_assets.orchestration.base_cache import loaded_base_model, use_run_thre
 from lora_assets.orchestration.partitions import adapter_partition_key, adapter_partitions
 from lora_assets.orchestration.registry import forgotten_among, is_forgotten
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate, withdraw
+from lora_assets.pipeline import AdapterOutcome, AdapterWork, source_state, train_and_gate, withdraw
 
 DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
@@ -144,8 +145,6 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
     ),
 )
 def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_home: LoraAssetsHome) -> None:
-    from lora_assets.drive.publish import adapter_prefix
-
     settings = lora_home.settings()
     threads = use_run_threads(settings)
     base_model = config.base_model
@@ -202,18 +201,12 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
             permanent.append(label)
             context.log.warning(f"{summary}; eval gate failed: {outcome.gate.reason}")
             return
+        context.log.info(summary)
         try:
-            published = publish(settings, w)
+            publish_and_record(context, settings, w, adapter)
         except Exception as exc:  # the drive is unreachable: lost work, requested again
             lost.append(label)
-            context.log.error(f"{summary}; not published ({type(exc).__name__}): {exc}")
-            return
-        recording.materialize(
-            context, published_key(w.mode), key, published.version,
-            md.publish_metadata(published, adapter_prefix(w.user, base_model, w.mode)),
-            upstream=[(adapter_key(w.mode), adapter)],
-        )
-        context.log.info(f"{summary}; published {published.version}")
+            context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
 
     base = loaded_base_model(base_model, settings.home)
     train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)

@@ -52,7 +52,7 @@ def plan(
     checks: Sequence[tuple[AssetKey, str, str, PartitionsDefinition]] = (),
 ) -> None:
     """Announce the (asset, partition)s and (asset, check, partition)s this run will produce."""
-    instance, run_id, job = context.instance, context.run_id, context.job_name
+    instance, run_id, job = context.instance, context.run.run_id, context.job_name
     for key, partition in assets:
         instance.report_dagster_event(
             DagsterEvent.build_asset_materialization_planned_event(
@@ -110,7 +110,7 @@ def materialize(
     provenance: dict[str, str] = {
         DATA_VERSION_TAG: data_version,
         DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
-        CODE_VERSION_TAG: context.run_id,
+        CODE_VERSION_TAG: context.run.run_id,
     }
     for input_key, record in upstream:
         if record is not None:

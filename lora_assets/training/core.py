@@ -103,7 +103,7 @@ def _train_one(
     progress: ProgressFn | None,
     on_trained: Callable[[TrainJob, Any], None] | None,
 ) -> TrainResult:
-    from peft import PeftModel, get_peft_model
+    from lora_assets.training.peft_models import new_lora, saved_lora
 
     prepared = training_for(job.objective).prepare(job, base)
     batches, steps = prepared.batches, len(prepared.batches)
@@ -111,9 +111,9 @@ def _train_one(
 
     torch.manual_seed(job.seed)
     if job.warm_start_from is not None:
-        model = PeftModel.from_pretrained(base.model, str(job.warm_start_from), is_trainable=True)
+        model = saved_lora(base.model, job.warm_start_from, trainable=True)
     else:
-        model = get_peft_model(base.model, job.lora.to_peft())
+        model = new_lora(base.model, job.lora.to_peft())
     try:
         # A fresh LoRA is the base; a warm start is not, and DPO reports where it started.
         before = prepared.evaluate(model)[1] if prepared.metrics_before_training else {}

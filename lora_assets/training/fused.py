@@ -101,14 +101,14 @@ def fusion_key(job: TrainJob) -> tuple | None:
 
 def _initial_lora(base: LoadedBaseModel, job: TrainJob) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """The job's starting A/B per module, made by peft exactly as the sequential path makes them."""
-    from peft import PeftModel, get_peft_model
+    from lora_assets.training.peft_models import new_lora, saved_lora
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(job.seed)
     if job.warm_start_from is not None:
-        model = PeftModel.from_pretrained(base.model, str(job.warm_start_from), is_trainable=True)
+        model = saved_lora(base.model, job.warm_start_from, trainable=True)
     else:
-        model = get_peft_model(base.model, job.lora.to_peft())
+        model = new_lora(base.model, job.lora.to_peft())
     try:
         weights, scaling = {}, None
         for name, module in causal_lm(model).named_modules():
@@ -277,12 +277,12 @@ def _save_through_peft(
     save: Callable[[Any, TrainJob, TrainResult], None],
 ) -> None:
     """Load the trained A/B into a peft model of the job's config and save it the standard way."""
-    from peft import PeftModel, get_peft_model
+    from lora_assets.training.peft_models import new_lora, saved_lora
 
     if job.warm_start_from is not None:
-        model = PeftModel.from_pretrained(base.model, str(job.warm_start_from), is_trainable=False)
+        model = saved_lora(base.model, job.warm_start_from, trainable=False)
     else:
-        model = get_peft_model(base.model, job.lora.to_peft())
+        model = new_lora(base.model, job.lora.to_peft())
     try:
         inner = causal_lm(model)
         with torch.no_grad():

@@ -16,7 +16,9 @@ def load_adapter(base: LoadedBaseModel, adapter_dir: Path):
     No pickle and no ``torch.load`` ever touch the files: the config is JSON, the weights are
     ``adapter_model.safetensors``, and every LoRA tensor the config implies must be present.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    from lora_assets.training.peft_models import new_lora
     from safetensors.torch import load_file
 
     folder = Path(adapter_dir)
@@ -25,7 +27,7 @@ def load_adapter(base: LoadedBaseModel, adapter_dir: Path):
         raise FileNotFoundError(f"no adapter_model.safetensors in {folder}")
     config = LoraConfig.from_pretrained(str(folder))
     config.inference_mode = True
-    model = get_peft_model(base.model, config)
+    model = new_lora(base.model, config)
     result = set_peft_model_state_dict(model, load_file(str(weights), device=str(base.device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:

@@ -135,9 +135,9 @@ class attached:
         self.base, self.adapter_dir = base, adapter_dir
 
     def __enter__(self):
-        from peft import PeftModel
+        from lora_assets.training.peft_models import saved_lora
 
-        self.model = PeftModel.from_pretrained(self.base.model, str(self.adapter_dir), is_trainable=False)
+        self.model = saved_lora(self.base.model, self.adapter_dir, trainable=False)
         return self.model
 
     def __exit__(self, *exc) -> None:

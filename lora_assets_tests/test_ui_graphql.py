@@ -1,0 +1,259 @@
+"""What the Dagster UI shows, read through its own GraphQL API against the project's code location.
+
+The web UI renders asset partitions, their metadata and their check verdicts from Dagster's
+GraphQL API; these tests query that API in-process (``dagster_graphql``'s schema over an
+in-process workspace of ``lora_assets.definitions``) instead of the Python instance API, so a
+run that records something the UI cannot link (a verdict without its materialization, a
+partition-less verdict, a publication the asset graph does not know of) shows up here.
+
+Runs are launched two ways: the sensors' batch job (``run_adapter_batch``), and the UI's own
+"Materialize" mutation (``launchPipelineExecution`` on the implicit asset job with an asset and
+check selection and the partition's tags), executed synchronously by the test instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import AssetKey, instance_for_test
+from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+from dagster._core.test_utils import in_process_test_workspace
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster_graphql.client.query import LAUNCH_PIPELINE_EXECUTION_MUTATION
+from dagster_graphql.test.utils import execute_dagster_graphql, infer_job_selector
+
+from lora_assets.data.ingest import ingest
+from lora_assets.orchestration.partitions import adapter_partitions
+from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
+
+BASE = "tiny-llama"
+MODE = "mail_reply"
+ADAPTER = {"path": [MODE, "adapter"]}
+PUBLISHED = {"path": [MODE, "published"]}
+GATE = "eval_gate"
+SOURCES = ("mail", "contacts", "browsing")
+
+# Runs launched through the (async) GraphQL mutation execute inside its event loop; Dagster then
+# skips its own loop's cleanup on purpose (context_creation_job.py), leaving this coroutine unawaited.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:coroutine 'BaseEventLoop.shutdown_asyncgens' was never awaited:RuntimeWarning"
+)
+
+METADATA_FRAGMENT = """
+fragment entry on MetadataEntry {
+  __typename
+  label
+  ... on FloatMetadataEntry { floatValue }
+  ... on IntMetadataEntry { intRepr }
+  ... on BoolMetadataEntry { boolValue }
+  ... on TextMetadataEntry { text }
+  ... on PathMetadataEntry { path }
+  ... on MarkdownMetadataEntry { mdStr }
+  ... on JsonMetadataEntry { jsonString }
+}
+"""
+
+# The asset page's partition panel: a partition's materializations, newest first, with metadata.
+MATERIALIZATIONS_QUERY = METADATA_FRAGMENT + """
+query PartitionMaterializations($assetKey: AssetKeyInput!, $partitions: [String!]) {
+  assetOrError(assetKey: $assetKey) {
+    __typename
+    ... on Asset {
+      assetMaterializations(partitions: $partitions) {
+        runId
+        partition
+        timestamp
+        stepKey
+        metadataEntries { ...entry }
+      }
+    }
+  }
+}
+"""
+
+# The check's execution history (the asset's Checks tab and the check detail dialog).
+CHECK_EXECUTIONS_QUERY = METADATA_FRAGMENT + """
+query CheckExecutions($assetKey: AssetKeyInput!, $checkName: String!, $partition: String) {
+  assetCheckExecutions(assetKey: $assetKey, checkName: $checkName, partition: $partition, limit: 100) {
+    id
+    runId
+    status
+    partition
+    stepKey
+    evaluation {
+      success
+      partition
+      targetMaterialization { storageId runId timestamp }
+      metadataEntries { ...entry }
+    }
+  }
+}
+"""
+
+
+def _value(entry: Mapping[str, Any]) -> Any:
+    kind = entry["__typename"]
+    if kind == "IntMetadataEntry":
+        return int(entry["intRepr"])
+    field = {
+        "FloatMetadataEntry": "floatValue", "BoolMetadataEntry": "boolValue", "TextMetadataEntry": "text",
+        "PathMetadataEntry": "path", "MarkdownMetadataEntry": "mdStr", "JsonMetadataEntry": "jsonString",
+    }.get(kind)
+    return entry[field] if field else kind
+
+
+def _metadata(entries) -> dict[str, Any]:
+    return {e["label"]: _value(e) for e in entries}
+
+
+def _gql(context, query: str, **variables) -> Mapping[str, Any]:
+    result = execute_dagster_graphql(context, query, variables)
+    assert not result.errors, result.errors
+    return result.data
+
+
+def materializations(context, asset_key: dict, partition: str) -> list[dict]:
+    """The partition's materializations as the UI lists them, newest first."""
+    data = _gql(context, MATERIALIZATIONS_QUERY, assetKey=asset_key, partitions=[partition])["assetOrError"]
+    if data["__typename"] == "AssetNotFoundError":  # never materialized: the UI shows none
+        return []
+    assert data["__typename"] == "Asset", data
+    return sorted(data["assetMaterializations"], key=lambda m: float(m["timestamp"]), reverse=True)
+
+
+def check_executions(context, partition: str | None = None) -> list[dict]:
+    """``eval_gate`` executions on ``mail_reply/adapter``: all (None), unpartitioned only (""), or one
+    partition's, newest first."""
+    return _gql(context, CHECK_EXECUTIONS_QUERY, assetKey=ADAPTER, checkName=GATE,
+                partition=partition)["assetCheckExecutions"]
+
+
+def materialize_from_ui(context, partition: str, res: LoraAssetsHome) -> dict:
+    """What the UI's "Materialize" on one adapter partition sends: a run of the implicit asset job
+    with only ``mail_reply/adapter`` (and its check) selected, tagged with the partition. The test
+    instance's synchronous launcher executes it before the mutation returns."""
+    selector = infer_job_selector(
+        context, IMPLICIT_ASSET_JOB_NAME,
+        asset_selection=[ADAPTER],
+        asset_check_selection=[{"assetKey": ADAPTER, "name": GATE}],
+    )
+    tags = adapter_partitions.get_tags_for_partition_key(partition)
+    data = _gql(context, LAUNCH_PIPELINE_EXECUTION_MUTATION, executionParams={
+        "selector": selector,
+        "runConfigData": {"resources": {"lora_home": {"config": {
+            "home": str(res.home), "train_steps": res.train_steps,
+            "gate_margin": res.gate_margin, "gate_tolerance": res.gate_tolerance,
+        }}}},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    })["launchPipelineExecution"]
+    assert data["__typename"] == "LaunchRunSuccess", data
+    return data["run"]
+
+
+@pytest.fixture
+def ui(tmp_path: Path, home: Path, tiny_base, synthetic_tables) -> Iterator[tuple[Any, Any, LoraAssetsHome]]:
+    """Two users' records ingested, a test instance that runs launched runs synchronously, and a
+    GraphQL request context on the project's code location, as the webserver would hold."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
+    res = LoraAssetsHome(home=str(data), train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    settings = res.settings()
+    for user, generated in (("alice", "user-000"), ("bob", "user-001")):
+        for source in SOURCES:
+            ingest(settings.store(), settings.feed(), user, source, synthetic_tables[generated][source].to_pylist())
+    with instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True) as instance:
+        register_users(instance, ["alice", "bob"])
+        instance.add_dynamic_partitions("base_models", [BASE])
+        origin = LoadableTargetOrigin(
+            executable_path=sys.executable, module_name="lora_assets.definitions", attribute="defs"
+        )
+        with in_process_test_workspace(instance, origin) as context:
+            yield instance, context, res
+
+
+def test_the_ui_shows_an_adapter_partitions_metadata_and_its_linked_gate_verdict(ui):
+    instance, context, res = ui
+    partition = f"{BASE}|alice"
+    assert run_dataset_batch(instance, {"alice": list(SOURCES)}, res).success
+    result = run_adapter_batch(instance, BASE, [("alice", MODE)], res)
+    assert result.success
+    run_id = result.run_id
+
+    adapters = materializations(context, ADAPTER, partition)
+    assert len(adapters) == 1, adapters
+    adapter = adapters[0]
+    assert adapter["runId"] == run_id and adapter["partition"] == partition
+    meta = _metadata(adapter["metadataEntries"])
+    assert meta["base_model"] == BASE
+    assert meta["steps"] == 3
+    assert isinstance(meta["adapter_eval_loss"], float) and meta["adapter_eval_loss"] > 0
+    assert isinstance(meta["base_eval_loss"], float) and meta["base_eval_loss"] > 0
+    weights = Path(meta["path"]) / "adapter_model.safetensors"  # the panel's path is the adapter folder
+    assert meta["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta["size_bytes"] == weights.stat().st_size
+    assert meta["train_tokens"] > 0 and meta["dataset_version"]
+    assert "training loss" in meta["loss_curve"]  # drawn as markdown for the metadata panel
+
+    executions = check_executions(context, partition)
+    assert len(executions) == 1, executions
+    gate = executions[0]
+    assert gate["status"] == "SUCCEEDED" and gate["runId"] == run_id and gate["partition"] == partition
+    evaluation = gate["evaluation"]
+    assert evaluation["success"] is True and evaluation["partition"] == partition
+    target = evaluation["targetMaterialization"]
+    assert target is not None, "the verdict is not linked to the materialization it judged"
+    assert target["runId"] == run_id
+    assert target["timestamp"] == pytest.approx(float(adapter["timestamp"]) / 1000.0, abs=1e-3)
+    gate_meta = _metadata(evaluation["metadataEntries"])
+    assert gate_meta["adapter_eval_loss"] == pytest.approx(meta["adapter_eval_loss"])
+    assert gate_meta["base_eval_loss"] == pytest.approx(meta["base_eval_loss"])
+    assert check_executions(context, "") == [], "partition-less eval_gate verdicts"
+
+    published = materializations(context, PUBLISHED, partition)
+    assert len(published) == 1, published
+    assert published[0]["runId"] == run_id and published[0]["partition"] == partition
+    assert _metadata(published[0]["metadataEntries"])["version"]
+
+
+def test_an_adapter_only_materialize_from_the_ui_publishes_and_links_one_verdict_per_partition(ui):
+    instance, context, res = ui
+    partitions = [f"{BASE}|alice", f"{BASE}|bob"]
+    assert run_dataset_batch(instance, {u: list(SOURCES) for u in ("alice", "bob")}, res).success
+    for partition in partitions:
+        assert materializations(context, PUBLISHED, partition) == []
+
+    runs = {}
+    for partition in partitions:  # a backfill of these partitions: one run each (multi_run(1))
+        run = materialize_from_ui(context, partition, res)
+        finished = instance.get_run_by_id(run["runId"])
+        assert finished.is_success, (partition, finished.status)
+        assert finished.asset_selection == {AssetKey(ADAPTER["path"])}  # published not selected
+        runs[partition] = run["runId"]
+
+    for partition, run_id in runs.items():
+        adapters = materializations(context, ADAPTER, partition)
+        assert [m["runId"] for m in adapters] == [run_id]
+        published = materializations(context, PUBLISHED, partition)
+        assert published, f"{partition}: the adapter-only run published nothing the UI can show"
+        assert [m["runId"] for m in published] == [run_id], partition
+        assert _metadata(published[0]["metadataEntries"])["version"]
+
+    executions = check_executions(context)
+    assert sorted(e["partition"] for e in executions) == partitions, executions
+    for e in executions:
+        partition = e["partition"]
+        assert e["status"] == "SUCCEEDED" and e["runId"] == runs[partition]
+        assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == partition
+        target = e["evaluation"]["targetMaterialization"]
+        assert target is not None, f"{partition}: the verdict is not linked to a materialization"
+        (adapter,) = materializations(context, ADAPTER, partition)
+        assert target["runId"] == runs[partition]
+        assert target["timestamp"] == pytest.approx(float(adapter["timestamp"]) / 1000.0, abs=1e-3)
+    assert check_executions(context, "") == [], "partition-less eval_gate verdicts"
