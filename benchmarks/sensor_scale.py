@@ -27,6 +27,7 @@ from lora_assets.definitions import defs
 from lora_assets.orchestration.assets import dataset_key
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
+from lora_assets.orchestration.status import status
 from lora_assets.orchestration.ticks import evaluate_tick
 
 
@@ -36,7 +37,7 @@ def tick(sensor, instance: DagsterInstance, resources: LoraAssetsHome, cursor: s
     return time.perf_counter() - start, result
 
 
-def measure(n_users: int, n_events: int) -> tuple[float, float, int, int]:
+def measure(n_users: int, n_events: int) -> tuple[float, float, float, int, int]:
     with tempfile.TemporaryDirectory() as tmp, instance_for_test(temp_dir=tmp) as instance:
         users = [f"u{i:06d}" for i in range(n_users)]
         for i in range(0, n_users, 10_000):
@@ -54,7 +55,11 @@ def measure(n_users: int, n_events: int) -> tuple[float, float, int, int]:
             )
         change_s, change = tick(change_feed_sensor, instance, resources, None)
         adapter_s, adapter = tick(adapter_retrain_sensor, instance, resources, None)
-        return change_s, adapter_s, len(change.run_requests), len(adapter.run_requests)
+        start = time.perf_counter()  # what `lora-assets status --user U` reads (feed included)
+        report = status(instance, feed, user=changed[-1])
+        status_s = time.perf_counter() - start
+        assert len(report.adapters) == 5 and report.adapters[0].user == changed[-1]
+        return change_s, adapter_s, status_s, len(change.run_requests), len(adapter.run_requests)
 
 
 def main() -> None:
@@ -63,16 +68,17 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100)
     args = parser.parse_args()
 
-    print(f"{'users':>8}  {'change tick':>12}  {'adapter tick':>12}  {'batch runs':>10}")
+    print(f"{'users':>8}  {'change tick':>12}  {'adapter tick':>12}  {'status --user':>13}  {'batch runs':>10}")
     rows = []
     for n in args.users:
-        change_s, adapter_s, change_runs, adapter_runs = measure(n, args.events)
-        rows.append((n, change_s, adapter_s))
-        print(f"{n:>8}  {change_s * 1e3:>10.0f}ms  {adapter_s * 1e3:>10.0f}ms  {change_runs:>4} + {adapter_runs:<4}", flush=True)
-    (n0, c0, a0), (n1, c1, a1) = rows[0], rows[-1]
+        change_s, adapter_s, status_s, change_runs, adapter_runs = measure(n, args.events)
+        rows.append((n, change_s, adapter_s, status_s))
+        print(f"{n:>8}  {change_s * 1e3:>10.0f}ms  {adapter_s * 1e3:>10.0f}ms  {status_s * 1e3:>11.0f}ms  "
+              f"{change_runs:>4} + {adapter_runs:<4}", flush=True)
+    (n0, c0, a0, s0), (n1, c1, a1, s1) = rows[0], rows[-1]
     print(
         f"\n{args.events} events; from {n0} to {n1} users ({n1 / n0:.0f}x): change tick x{c1 / c0:.2f}, "
-        f"adapter tick x{a1 / a0:.2f} (1.00 = flat)"
+        f"adapter tick x{a1 / a0:.2f}, status of one user x{s1 / s0:.2f} (1.00 = flat)"
     )
 
 

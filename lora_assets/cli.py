@@ -176,17 +176,26 @@ def _cmd_base_model(args: argparse.Namespace) -> int:
         set_base_model_retired,
     )
     from lora_assets.orchestration.runs import register_base_model_partition
+    from lora_assets.settings import Settings
     from lora_assets.training.base_models import register_base_model, resolve_base_model
 
     if args.action != "list" and not args.key:
         raise ValueError(f"base-model {args.action} needs a KEY")
     instance = get_instance()
+    settings = Settings.from_env()
     if args.action == "add":
         ref = (
-            register_base_model(args.key, args.path, data_home())
+            register_base_model(args.key, args.path, settings.home)
             if args.path
-            else resolve_base_model(args.key, data_home())
+            else resolve_base_model(args.key, settings.home)
         )
+        shared = settings.shared_base_models()
+        if shared is not None:  # S3: every worker, including a fresh pod or task, finds it there
+            from lora_assets.base_model_store import share
+
+            address, uploaded = share(shared, ref.key, settings.home)
+            print(f"shared with every worker at {shared.uri(f'{ref.key}/{address}')} "
+                  f"({'uploaded' if uploaded else 'already there'})")
         added = register_base_model_partition(instance, args.key)
         set_base_model_retired(instance, args.key, retired=False)
         print(f"base model {ref.key} ({ref.revision}) at {ref.path}: {'registered' if added else 'already registered, active'}")

@@ -124,6 +124,11 @@ class Settings:
         """Users' drives: ``<drive_root>/<user>/...`` locally, ``s3://bucket/drive/<user>/...``."""
         return self._objects("drive", Path(self.drive_root).expanduser() if self.drive_root else self.home / "drive")
 
+    def shared_base_models(self):
+        """Base models shared with every worker: ``s3://bucket/base_models/`` on S3; None on the
+        embedded default, where the one data dir already holds them (``lora_assets.base_model_store``)."""
+        return self._objects("base_models", self.home / "base_models") if self.backend == "s3" else None
+
     def datasets(self):
         """Per-mode datasets: ``<home>/datasets/`` locally, ``s3://bucket/datasets/`` on S3."""
         return self._objects("datasets", self.home / "datasets")

@@ -226,6 +226,50 @@ def test_change_driven_scenario_on_s3_sqs_and_postgres_through_the_daemon(s3_dae
 
 
 
+def test_a_worker_with_an_empty_data_dir_trains_on_a_base_model_registered_by_another_process(
+    aws, postgres_url, home, tiny_base, synthetic_tables, tmp_path
+):
+    import shutil
+
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
+    from lora_assets.training import read_adapter_metadata
+
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text(_postgres_instance_yaml(postgres_url))
+    model = tmp_path / "models" / "custom"
+    shutil.copytree(home / "base_models" / "tiny-llama", model)
+    # An operator's machine registers a model directory it has locally ...
+    operator = {**os.environ, **_s3_env(aws), "LORA_ASSETS_HOME": str(tmp_path / "operator"),
+                "DAGSTER_HOME": str(dagster_home)}
+    added = subprocess.run([str(Path(sys.executable).with_name("lora-assets")), "base-model", "add", "tiny-custom",
+                            "--path", str(model)], env=operator, capture_output=True, text=True, timeout=300)
+    assert added.returncode == 0, added.stderr
+    assert f"shared with every worker at s3://{aws['bucket']}/base_models/tiny-custom/" in added.stdout
+    shutil.rmtree(model)  # ... that no worker can see.
+
+    # A run worker on a fresh disk: the data dir is empty, the model comes from S3, verified.
+    worker = tmp_path / "worker"
+    res = s3_home(aws, worker, train_steps=3, gate_margin=0.0)
+    ingest(res.store(), res.feed(), "user-000", "browsing", synthetic_tables["user-000"]["browsing"].to_pylist())
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
+    try:
+        assert "tiny-custom" in instance.get_dynamic_partitions("base_models")
+        register_users(instance, ["user-000"])
+        assert run_dataset_batch(instance, {"user-000": ["browsing"]}, res).success
+        assert run_adapter_batch(instance, "tiny-custom", [("user-000", "search_suggest")], res).success
+    finally:
+        instance.dispose()
+    (installed,) = (worker / "base_models" / "shared" / "tiny-custom").iterdir()
+    revision = read_adapter_metadata(worker / "adapters" / "tiny-custom" / "user-000" / "search_suggest")["base_model_revision"]
+    assert revision.startswith("dir-sha256:") and (installed / "model.safetensors").is_file()
+    pointer, _ = read_current(res.drive(), "user-000", "tiny-custom", "search_suggest")
+    assert pointer["version"]
+
+
 @pytest.mark.parametrize("flavour, launcher", [("ecs", "dagster_aws.ecs.EcsRunLauncher"), ("k8s", "dagster_k8s.K8sRunLauncher")])
 def test_production_instance_configs_parse(flavour, launcher, monkeypatch):
     import importlib
@@ -234,7 +278,7 @@ def test_production_instance_configs_parse(flavour, launcher, monkeypatch):
     from dagster._core.instance.config import dagster_instance_config
 
     env = {
-        "DAGSTER_PG_HOST": "db", "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "x",
+        "DAGSTER_PG_HOST": "db", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "x",
         "DAGSTER_PG_DB": "dagster", "LORA_ASSETS_COMPUTE_LOG_BUCKET": "logs",
         "LORA_ASSETS_ECS_TASK_DEFINITION": "arn:aws:ecs:us-east-1:1:task-definition/lora-gpu:1",
         "LORA_ASSETS_IMAGE": "registry/lora-assets:1", "LORA_ASSETS_K8S_NAMESPACE": "lora",

@@ -168,9 +168,8 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
         use_run_threads(settings)
         base_model, user = split_adapter_key(context.partition_key)
         work = AdapterWork(base_model, user, mode.name)
-        (outcome,) = train_and_gate(
-            settings, loaded_base_model(base_model, settings.home), [work], progress=progress_logger(context),
-        )
+        base = loaded_base_model(base_model, settings.home, settings.shared_base_models())
+        (outcome,) = train_and_gate(settings, base, [work], progress=progress_logger(context))
         if outcome.error or outcome.withdraw:
             raise Failure(f"{work.name}: not trained: {outcome.error or outcome.withdraw}"
                           + (" (the sensors withdraw its published adapter)" if outcome.withdraw else ""))

@@ -16,10 +16,17 @@ _lock = threading.Lock()
 _cached: dict[tuple[str, str, str], LoadedBaseModel] = {}
 
 
-def loaded_base_model(key: str, home: Path) -> LoadedBaseModel:
-    """The base model ``key`` from ``home``, loaded at most once per process (latest one kept)."""
+def loaded_base_model(key: str, home: Path, shared=None) -> LoadedBaseModel:
+    """The base model ``key`` from ``home``, loaded at most once per process (latest one kept).
+
+    ``shared``: the object store where base models are shared (S3); a worker whose data dir lacks
+    the shared revision downloads it first, so a fresh pod or task finds every registered model.
+    """
+    from lora_assets.base_model_store import ensure_local
     from lora_assets.training import load_base_model, resolve_base_model
 
+    if shared is not None:
+        ensure_local(shared, key, home)
     ref = resolve_base_model(key, home)
     cache_key = (str(home), key, ref.revision)
     with _lock:

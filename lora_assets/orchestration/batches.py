@@ -53,6 +53,16 @@ DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
 USERS_TAG = "lora_assets/users"  # the users a batch run works for, comma-separated
 TRAINING_TAG = "lora_assets/training"  # on every training batch run; the run queue limits it
+# On Kubernetes (K8sRunLauncher) a training run's pod asks for a GPU node; other launchers ignore
+# the tag. Label GPU nodes `lora-assets/pool=gpu` (README: Deploy at scale).
+K8S_CONFIG_TAG = "dagster-k8s/config"
+TRAINING_POD = {
+    "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "30Gi"}}},
+    "pod_spec_config": {
+        "node_selector": {"lora-assets/pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
 PERMANENT_FAILURES = "permanent_failures"  # Failure metadata: work that must not be retried
 
 
@@ -208,7 +218,7 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
             lost.append(label)
             context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
 
-    base = loaded_base_model(base_model, settings.home)
+    base = loaded_base_model(base_model, settings.home, settings.shared_base_models())
     train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)
     if permanent or lost:
         raise Failure(
@@ -249,7 +259,7 @@ def dataset_batch_job() -> None:
     name=ADAPTER_BATCH_JOB,
     description="Trains, gates and publishes a batch of users' adapters on one base model "
     "(launched by adapter_retrain_sensor and lora-assets backfill).",
-    tags={"lora_assets/kind": "adapters", TRAINING_TAG: "true"},
+    tags={"lora_assets/kind": "adapters", TRAINING_TAG: "true", K8S_CONFIG_TAG: TRAINING_POD},
 )
 def adapter_batch_job() -> None:
     train_adapter_batch()
