@@ -243,8 +243,9 @@ def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_l
     # A producer that still sends the user's data: dropped, erased, never trained on.
     before = daemon.runs()
     daemon.ingest(user, "mail", tables["mail"].to_pylist()[:3])
-    later = daemon.new_runs(before)
+    later = daemon.new_runs(before, allow_failures=True)  # the module's earlier tests killed runs on purpose
     assert not any(user in r.tags.get("lora_assets/users", "") for r in later)
+    assert all(r.status == DagsterRunStatus.SUCCESS for r in later)
     assert daemon.settings.store().objects.list(user) == [] and daemon.pending_events() == 0
     # Idempotent: once more finds nothing.
     again = subprocess.run(cli, env=daemon.env, capture_output=True, text=True, timeout=300)
