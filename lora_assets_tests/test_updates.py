@@ -68,6 +68,23 @@ def test_a_small_change_updates_the_published_adapter_warm_and_a_delete_retrains
     assert trained_on[0] not in read_adapter_metadata(folder)["trained_examples"]
 
 
+def test_an_update_that_fails_the_gate_is_retrained_in_full_in_the_same_run(env):
+    instance, res, later = env
+    _train(instance, res)
+    res.store().write("alice", "mail", pa.Table.from_pylist(later[:1], schema=res.store().read("alice", "mail").schema))
+    assert run_dataset_batch(instance, {"alice": ["mail", "contacts"]}, res).success
+    # A tolerance no retrain can meet (90 % better than the published adapter): the update fails ...
+    picky = LoraAssetsHome(home=res.home, gate_margin=0.0, gate_tolerance=-0.9)
+    assert not run_adapter_batch(instance, "tiny-llama", [("alice", "mail_reply")], picky).success
+    record = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=adapter_key("mail_reply"), asset_partitions=["tiny-llama|alice"]), limit=1
+    ).records[0]
+    meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    # ... so the same run trained from scratch and gated that one instead.
+    assert meta["training"] == FULL
+    assert meta["training_reason"].startswith("the incremental update failed the eval gate")
+
+
 def test_a_new_base_model_revision_retrains_in_full(env, tmp_path, home):
     instance, res, later = env
     copy = tmp_path / "tiny-x"
