@@ -196,3 +196,7 @@ def test_an_adapter_whose_data_is_all_deleted_is_withdrawn_from_the_device(two_u
     assert "search_suggest: " in capsys.readouterr().out and not (device / "tiny-llama" / "search_suggest").exists()
     assert main(["generate", "--device-dir", str(device), "--mode", "search_suggest", "--base-model", "tiny-llama", "best"]) == 2
     assert "no search_suggest adapter for tiny-llama installed" in capsys.readouterr().err
+    monkeypatch.setattr("lora_assets.orchestration.instance.get_instance", lambda: instance)
+    assert main(["status", "--user", "bob", "--mode", "search_suggest", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["adapters"]
+    assert row["state"] == "withdrawn" and row["published_version"] is None
