@@ -19,6 +19,7 @@ everything is in the one data dir. No Dagster here.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from lora_assets.training.base_models import (
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+ADDRESS_FILE = ".shared_address"  # in an installed copy: the address it was downloaded from
 
 
 def _sha256(path: Path) -> str:
@@ -52,7 +54,10 @@ def share(objects: ObjectStore, key: str, home: Path) -> tuple[str, bool]:
     """Upload the local model directory of ``key`` (converting a built-in one first); returns
     (address, uploaded) - nothing is uploaded when the store already has these exact files."""
     ref = resolve_base_model(key, home)
-    files = {str(p.relative_to(ref.path)): p for p in sorted(ref.path.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(ref.path)): p for p in sorted(ref.path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ref.path).parts)  # .git, markers
+    }
     manifest = {
         "key": key,
         "revision": ref.revision,
@@ -71,30 +76,49 @@ def share(objects: ObjectStore, key: str, home: Path) -> tuple[str, bool]:
     return address, uploaded
 
 
-def shared_keys(objects: ObjectStore) -> list[str]:
-    """Every key with a shared CURRENT pointer."""
-    return sorted({k.split("/", 1)[0] for k in objects.list("") if k.endswith(f"/{CURRENT}")})
-
-
 def ensure_local(objects: ObjectStore, key: str, home: Path) -> BaseModelRef | None:
-    """Make the shared revision of ``key`` available in ``home``; None when it is not shared.
+    """Make the shared version of ``key`` available in ``home``; None when it is not shared.
 
-    A data dir that already has that revision downloads nothing.
+    A data dir that already holds that version (its address is recorded next to the files)
+    downloads nothing. One process at a time installs a key (a file lock), so parallel steps on
+    a fresh worker download it once.
     """
     validate_base_model_key(key)
     try:
         pointer = json.loads(objects.get(f"{key}/{CURRENT}"))
     except (FileNotFoundError, KeyError):
         return None
-    if _local_revision(key, home) == pointer["revision"]:
-        return resolve_base_model(key, home)
+    models = home / "base_models"
+    target = models / key if key in BUILTIN_BASE_MODELS else models / "shared" / key / pointer["address"]
+    models.mkdir(parents=True, exist_ok=True)
+    with (models / f".{key}.install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _installed_address(target) != pointer["address"]:
+            _download(objects, key, pointer, target)
+        if key in BUILTIN_BASE_MODELS:
+            return resolve_base_model(key, home)  # the cache marker came with the files
+        try:
+            registered = resolve_base_model(key, home)
+        except BaseModelError:
+            registered = None
+        if registered is not None and registered.path == target.resolve():
+            return registered
+        return register_base_model(key, target, home)
+
+
+def _installed_address(target: Path) -> str | None:
+    try:
+        return (target / ADDRESS_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+def _download(objects: ObjectStore, key: str, pointer: dict, target: Path) -> None:
     prefix = f"{key}/{pointer['address']}"
     manifest_bytes = objects.get(f"{prefix}/{MANIFEST}")
     if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
         raise BaseModelError(f"shared base model {key!r}: {prefix}/{MANIFEST} does not match its CURRENT pointer")
     manifest = json.loads(manifest_bytes)
-    models = home / "base_models"
-    target = models / key if key in BUILTIN_BASE_MODELS else models / "shared" / key / pointer["address"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
@@ -104,20 +128,9 @@ def ensure_local(objects: ObjectStore, key: str, home: Path) -> BaseModelRef | N
                 raise BaseModelError(f"shared base model {key!r}: {prefix}/{name} does not match its manifest")
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
-        if target.exists():
+        (tmp / ADDRESS_FILE).write_text(pointer["address"])
+        if target.exists():  # an older version of a built-in's cache (under the install lock)
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if key in BUILTIN_BASE_MODELS:
-        return resolve_base_model(key, home)  # the cache marker came with the files
-    return register_base_model(key, target, home)
-
-
-def _local_revision(key: str, home: Path) -> str | None:
-    try:
-        if key in BUILTIN_BASE_MODELS and not (home / "base_models" / key).is_dir():
-            return None  # resolving would build it here: what ensure_local exists to avoid
-        return resolve_base_model(key, home).revision
-    except BaseModelError:
-        return None

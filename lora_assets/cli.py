@@ -184,12 +184,15 @@ def _cmd_base_model(args: argparse.Namespace) -> int:
     instance = get_instance()
     settings = Settings.from_env()
     if args.action == "add":
-        ref = (
-            register_base_model(args.key, args.path, settings.home)
-            if args.path
-            else resolve_base_model(args.key, settings.home)
-        )
         shared = settings.shared_base_models()
+        if args.path:
+            ref = register_base_model(args.key, args.path, settings.home)
+        else:  # a built-in key, or one another machine shared (reactivating it, say)
+            from lora_assets.base_model_store import ensure_local
+
+            ref = (ensure_local(shared, args.key, settings.home) if shared is not None else None) or resolve_base_model(
+                args.key, settings.home
+            )
         if shared is not None:  # S3: every worker, including a fresh pod or task, finds it there
             from lora_assets.base_model_store import share
 

@@ -141,11 +141,12 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     assert "alice" not in instance.get_dynamic_partitions("users")
     dead = [payload for _i, payload, _e in feed.dead_letters()]
     assert len(dead) == 1 and "\"bob\"" in dead[0] and feed.pending_count() == 3  # bob's 3 events stay
-    for run in instance.get_runs():  # the shared runs keep bob's events and lose alice's
-        for entry in instance.all_logs(run.run_id):
-            text = entry.user_message or ""
-            assert "alice" not in text, (run.run_id, text)
-            assert secret not in json.dumps(str(entry))
+    from dagster._serdes import serialize_value
+
+    for run in instance.get_runs():  # the shared runs keep bob's events and lose every one of alice's
+        events = [serialize_value(entry) for entry in instance.all_logs(run.run_id)]
+        assert events and not [e for e in events if "alice" in e], run.run_id
+        assert any("bob" in e for e in events), "bob's events of the shared runs stay"
     check = instance.event_log_storage.get_asset_check_execution_history
     from dagster import AssetCheckKey
     from dagster._core.storage.event_log.base import PartitionKeyFilter

@@ -268,6 +268,12 @@ def test_a_worker_with_an_empty_data_dir_trains_on_a_base_model_registered_by_an
     assert revision.startswith("dir-sha256:") and (installed / "model.safetensors").is_file()
     pointer, _ = read_current(res.drive(), "user-000", "tiny-custom", "search_suggest")
     assert pointer["version"]
+    # A third machine re-adds (say, reactivates) the key by name alone: found on S3, not uploaded again.
+    again = subprocess.run([str(Path(sys.executable).with_name("lora-assets")), "base-model", "add", "tiny-custom"],
+                           env={**operator, "LORA_ASSETS_HOME": str(tmp_path / "third")},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "(already there)" in again.stdout
 
 
 @pytest.mark.parametrize("flavour, launcher", [("ecs", "dagster_aws.ecs.EcsRunLauncher"), ("k8s", "dagster_k8s.K8sRunLauncher")])

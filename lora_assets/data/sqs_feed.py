@@ -140,31 +140,33 @@ class SqsChangeFeed:
     def forget(self, user: str) -> tuple[int, int]:
         """Delete the queued messages and dead letters about ``user`` (S3 keys under their prefix).
 
-        Messages are received with a short visibility timeout and the others released at once;
-        a message the sensor holds in flight is not seen here, and the sensor drops it when it
-        reads it, because the user is forgotten by then.
+        Messages are received with a visibility timeout and the others released as they are
+        seen; a message the sensor holds in flight is not seen here, and the sensor drops it
+        when it reads it, because the user is forgotten by then.
         """
-        marker = f"/{quote_plus(user)}/"
+        marker = f"{self.key_prefix}/{quote_plus(user)}/"  # the user's folder, not a source named like them
         return self._forget(self.queue_url, marker), self._forget(self.dead_letter_url, marker)
 
     def _forget(self, url: str, marker: str) -> int:
-        deleted, seen, keep = 0, set(), []
-        while True:
+        deleted, seen, keep, empty = 0, set(), [], 0
+        while empty < 2:  # SQS may answer empty once while messages remain: ask twice
             messages = self.client.receive_message(
-                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, WaitTimeSeconds=0,
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=300, WaitTimeSeconds=1,
             ).get("Messages", [])
             fresh = [m for m in messages if m["MessageId"] not in seen]
-            if not fresh:
-                break
+            empty = 0 if fresh else empty + 1
             for m in fresh:
                 seen.add(m["MessageId"])
                 if marker in m["Body"] or marker in unquote_plus(m["Body"]):
                     self.client.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
                     deleted += 1
                 else:
-                    keep.append(m["ReceiptHandle"])
-        for handle in keep:  # back on the queue for the sensor at once
-            self.client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+                    keep.append(m["ReceiptHandle"])  # hidden until the scan is done, so it sees each once
+        for handle in keep:  # back on the queue for the sensor
+            try:
+                self.client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+            except Exception:  # noqa: BLE001 - an expired receipt: the message is visible again anyway
+                pass
         return deleted
 
     def pending_count(self) -> int:

@@ -109,7 +109,11 @@ def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str
     for mode_dir in sorted(installed.iterdir()) if installed.is_dir() else ():
         if mode_dir.is_dir() and mode_dir.name not in published and not mode_dir.name.startswith("."):
             old = installed_version(device_dir, base_model, mode_dir.name)
-            shutil.rmtree(mode_dir)
+            try:
+                shutil.rmtree(mode_dir)
+            except OSError as exc:
+                report.failed.append((mode_dir.name, f"could not remove the withdrawn adapter: {exc}"))
+                continue
             report.withdrawn.append((mode_dir.name, old))
     return report
 

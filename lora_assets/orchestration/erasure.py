@@ -57,12 +57,14 @@ def forget_user(instance: DagsterInstance, settings: Settings, user: str, wait_s
     terminated = _wait_or_terminate(instance, user, wait_s)
     erased = erase_user_data(settings, user)
     erase_dagster_records(instance, user, erased)
-    for _ in range(3):  # a run that was mid-write when it was stopped: erase what it wrote
+    for _ in range(3):  # a run that was mid-write when the user was marked: erase what it wrote
+        time.sleep(1)
         remaining = remaining_user_data(settings, user) + _remaining_records(instance, user)
         if not remaining:
             break
         erase_user_data(settings, user, erased)
         erase_dagster_records(instance, user, erased)
+        remaining = remaining_user_data(settings, user) + _remaining_records(instance, user)
     return ForgetReport(user, erased, in_flight, terminated, remaining)
 
 
@@ -81,21 +83,34 @@ def _live_runs_listing(instance: DagsterInstance, user: str) -> list[DagsterRun]
 
 
 def _wait_or_terminate(instance: DagsterInstance, user: str, wait_s: float) -> list[str]:
+    """Let runs listing the user finish; stop only the ones that work for this user alone.
+
+    Runs shared with other users are never stopped: they skip a forgotten user before every
+    write, and stopping them would lose the other users' work. A queued run of this user alone
+    is canceled; a started one is terminated after ``wait_s``.
+    """
     deadline = time.monotonic() + wait_s
-    while _live_runs_listing(instance, user) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(
+        r.status not in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED) or _only_user(r, user)
+        for r in _live_runs_listing(instance, user)
+    ):
         time.sleep(1)
-    stuck = _live_runs_listing(instance, user)
-    for run in stuck:
+    stopped = []
+    for run in _live_runs_listing(instance, user):
+        if not _only_user(run, user):
+            continue
         if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):
             instance.report_run_canceled(run, message=f"canceled: its user {user} was forgotten")
         else:
             instance.run_launcher.terminate(run.run_id)
+        stopped.append(run.run_id)
     deadline = time.monotonic() + 60
-    while _live_runs_listing(instance, user) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(r.run_id in stopped for r in _live_runs_listing(instance, user)):
         time.sleep(1)
     for run in _live_runs_listing(instance, user):  # the launcher could not stop it: mark it
-        instance.report_run_canceled(run, message=f"canceled: its user {user} was forgotten")
-    return [r.run_id for r in stuck]
+        if run.run_id in stopped:
+            instance.report_run_canceled(run, message=f"canceled: its user {user} was forgotten")
+    return stopped
 
 
 def _partitions(instance: DagsterInstance, user: str) -> list[str]:
@@ -103,9 +118,34 @@ def _partitions(instance: DagsterInstance, user: str) -> list[str]:
     return [user, *(f"{b}|{user}" for b in bases)]
 
 
-def _log_patterns(user: str) -> list[str]:
-    """How our run logs name a user (``[base|user/mode]``, ``user: ...``, ``mode/user: ...``)."""
-    return [f"%|{user}/%", f"%[{user}/%", f"% {user}: %", f'%"{user}: %', f"%/{user}: %"]
+def _log_markers(user: str) -> list[str]:
+    """How our run log lines name a user (``[base|user/mode]``, ``user: ...``, ``mode/user: ...``)."""
+    return [f"|{user}/", f"[{user}/", f" {user}: ", f'"{user}: ', f"/{user}: "]
+
+
+def _like(marker: str) -> str:
+    escaped = marker.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+CHECK_EVENTS = ("ASSET_CHECK_EVALUATION", "ASSET_CHECK_EVALUATION_PLANNED")
+
+
+def _concerns_user(event: str, event_type: str | None, partitions: list[str], user: str) -> bool:
+    """Whether a partition-less event row is about the user: a log line naming them (exact,
+    case-sensitive: SQL LIKE only preselects), or a gate check event on one of their partitions."""
+    if event_type is None:
+        return any(m in event for m in _log_markers(user))
+    from dagster import AssetCheckEvaluation, EventLogEntry
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationPlanned
+    from dagster._serdes import deserialize_value
+
+    data = deserialize_value(event, EventLogEntry).dagster_event.event_specific_data
+    if isinstance(data, AssetCheckEvaluation):
+        return data.partition in partitions
+    if isinstance(data, AssetCheckEvaluationPlanned) and data.partitions_subset is not None:
+        return any(p in partitions for p in data.partitions_subset.get_partition_keys())
+    return False
 
 
 def erase_dagster_records(instance: DagsterInstance, user: str, erased: Erased) -> None:
@@ -156,17 +196,25 @@ def _only_user(run: DagsterRun, user: str) -> bool:
 
 
 def _delete_rows(storage, run_id: str, partitions: list[str], user: str) -> int:
-    """The user's asset events and log lines in one run, from the run's shard and the index."""
+    """The user's events in one run, from the run's shard and the index: events of their
+    partitions, gate check events on them, and log lines naming them. Failure events are kept:
+    they carry the other users' permanent failures, which the sensors read."""
     E, T = SqlEventLogStorageTable, AssetEventTagsTable
-    mentions = db.or_(*(E.c.event.like(p) for p in _log_patterns(user)))
-    condition = db.and_(E.c.run_id == run_id, db.or_(E.c.partition.in_(partitions), db.and_(E.c.partition.is_(None), mentions)))
+    mentions = db.or_(*(E.c.event.like(_like(m), escape="\\") for m in _log_markers(user)))
+    partitionless = db.and_(
+        E.c.partition.is_(None),
+        db.or_(db.and_(E.c.dagster_event_type.is_(None), mentions), E.c.dagster_event_type.in_(CHECK_EVENTS)),
+    )
+    condition = db.and_(E.c.run_id == run_id, db.or_(E.c.partition.in_(partitions), partitionless))
     total = 0
     connections = [storage.index_connection()]
     if run_id:
         connections.append(storage.run_connection(run_id))
     for connection in connections:
         with connection as conn:
-            ids = [r[0] for r in conn.execute(db.select(E.c.id).where(condition))]
+            rows = conn.execute(db.select(E.c.id, E.c.partition, E.c.dagster_event_type, E.c.event).where(condition))
+            ids = [i for i, partition, kind, event in rows
+                   if partition is not None or _concerns_user(event, kind, partitions, user)]
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 try:

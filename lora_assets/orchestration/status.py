@@ -103,10 +103,10 @@ def _value(materialization, name: str) -> Any:
 
 def _latest_gate(instance: DagsterInstance, mode: str, partition: str) -> Gate | None:
     history = instance.event_log_storage.get_asset_check_execution_history(
-        AssetCheckKey(adapter_key(mode), GATE_CHECK), limit=3, partition_filter=PartitionKeyFilter(key=partition)
+        AssetCheckKey(adapter_key(mode), GATE_CHECK), limit=1, partition_filter=PartitionKeyFilter(key=partition),
+        status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
     )
-    for record in history:  # skip a planned (in-flight) one
-        if record.status in (AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED):
+    for record in history:  # planned ones (in flight, or never evaluated) are skipped by the query
             evaluation = record.event.dagster_event.event_specific_data
             meta = {k: v.value for k, v in evaluation.metadata.items()}
             return Gate(evaluation.passed, str(meta.get("reason", "")), meta.get("base_eval_loss"),
@@ -184,7 +184,10 @@ def _row(instance, base, user, mode, partition, dataset, adapter, published, run
     if adapter is not None and row.adapter_version:
         row.gate = _latest_gate(instance, mode, partition)
 
-    if published is not None and row.published_version is None:
+    withdrawn_last = published is not None and row.published_version is None and (
+        adapter is None or row.adapter_version is None or published.storage_id > adapter.storage_id
+    )
+    if withdrawn_last:
         row.state, row.why = WITHDRAWN, "its data was deleted; the adapter was removed from the drive"
         if dataset is not None and row.train_rows and row.trained_on != row.dataset_version:
             row.state, row.why = STALE, "withdrawn earlier; new data since"
