@@ -131,6 +131,22 @@ def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):
         assert int(in_flight["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) == 0
 
 
+def test_feed_command_shows_pending_events_and_dead_letters_on_sqs(aws, tmp_path):
+    drain(aws)
+    drain(aws, "dlq")
+    aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody=json.dumps({"Event": "s3:TestEvent"}))
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody="{not json",
+                            MessageAttributes={"error": {"DataType": "String", "StringValue": "undecodable SQS message"}})
+    env = {**os.environ, **_s3_env(aws), "LORA_ASSETS_HOME": str(tmp_path / "data")}
+    shown = subprocess.run([str(Path(sys.executable).with_name("lora-assets")), "feed"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "pending events: 1" in shown.stdout
+    assert "undecodable SQS message" in shown.stdout and "{not json" in shown.stdout
+    drain(aws)
+    drain(aws, "dlq")
+
+
 def _postgres_instance_yaml(postgres_url: str) -> str:
     return (PROJECT / "dagster.yaml").read_text() + f"\nstorage:\n  postgres:\n    postgres_url: {postgres_url}\n"
 
