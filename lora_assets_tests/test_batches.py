@@ -27,7 +27,8 @@ USERS = ("good", "nodata", "regress")
 @pytest.fixture
 def batch_env(tmp_path, home, tiny_base, synthetic_tables):
     (tmp_path / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = LoraAssetsHome(home=str(tmp_path), train_steps=3, gate_margin=0.0)
+    # No regression tolerated: a 3-step retrain against a 60-step adapter must fail its gate.
+    res = LoraAssetsHome(home=str(tmp_path), train_steps=3, gate_margin=0.0, gate_tolerance=0.0)
     store = res.store()
     write_user(store, "good", synthetic_tables["user-000"])
     write_user(store, "regress", synthetic_tables["user-001"])
