@@ -34,20 +34,13 @@ from lora_assets.training.base_models import (
     BaseModelRef,
     register_base_model,
     resolve_base_model,
+    sha256_file,
     validate_base_model_key,
 )
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 ADDRESS_FILE = ".shared_address"  # in an installed copy: the address it was downloaded from
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def share(objects: ObjectStore, key: str, home: Path) -> tuple[str, bool]:
@@ -61,7 +54,7 @@ def share(objects: ObjectStore, key: str, home: Path) -> tuple[str, bool]:
     manifest = {
         "key": key,
         "revision": ref.revision,
-        "files": {name: {"sha256": _sha256(p), "size": p.stat().st_size} for name, p in files.items()},
+        "files": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in files.items()},
     }
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()

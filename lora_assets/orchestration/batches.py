@@ -86,6 +86,16 @@ class AdapterBatch(Config):
     items: list[AdapterItem]
 
 
+def batch_users(run) -> set[str] | None:
+    """The users a ``dataset_batch`` or ``adapter_batch`` run lists in its config; None for any
+    other run. The config is the full list (the users tag is cut short for display)."""
+    if run.job_name not in (DATASET_BATCH_JOB, ADAPTER_BATCH_JOB):
+        return None
+    ops = run.run_config.get("ops", {})
+    config = ops.get("rebuild_datasets", ops.get("train_adapters", {})).get("config", {})
+    return {entry.get("user") for entry in config.get("users", config.get("items", []))}
+
+
 @op(
     name="rebuild_datasets",
     description="Re-materializes the changed sources of every listed user and the datasets of the modes that read them.",

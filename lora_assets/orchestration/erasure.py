@@ -35,7 +35,7 @@ from dagster._core.storage.event_log.schema import (
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.erasure import Erased, erase_user_data, remaining_user_data
-from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB, USERS_TAG
+from lora_assets.orchestration.batches import USERS_TAG, batch_users
 from lora_assets.orchestration.partitions import base_model_partitions, users_partitions
 from lora_assets.orchestration.registry import mark_forgotten
 from lora_assets.settings import Settings
@@ -64,15 +64,15 @@ def forget_user(instance: DagsterInstance, settings: Settings, user: str, wait_s
             break
         erase_user_data(settings, user, erased)
         erase_dagster_records(instance, user, erased)
+    else:
         remaining = remaining_user_data(settings, user) + _remaining_records(instance, user)
     return ForgetReport(user, erased, in_flight, terminated, remaining)
 
 
 def _lists_user(run: DagsterRun, user: str) -> bool:
-    if run.job_name in (DATASET_BATCH_JOB, ADAPTER_BATCH_JOB):
-        ops = run.run_config.get("ops", {})
-        entries = ops.get("rebuild_datasets", ops.get("train_adapters", {})).get("config", {})
-        return any(e.get("user") == user for e in entries.get("users", entries.get("items", [])))
+    users = batch_users(run)
+    if users is not None:
+        return user in users
     partition = run.tags.get("dagster/partition", "")
     return partition == user or partition.endswith(f"|{user}") or run.tags.get("dagster/partition/user") == user
 
@@ -187,12 +187,8 @@ def erase_dagster_records(instance: DagsterInstance, user: str, erased: Erased) 
 
 
 def _only_user(run: DagsterRun, user: str) -> bool:
-    if run.job_name in (DATASET_BATCH_JOB, ADAPTER_BATCH_JOB):
-        ops = run.run_config.get("ops", {})
-        entries = ops.get("rebuild_datasets", ops.get("train_adapters", {})).get("config", {})
-        users = {e.get("user") for e in entries.get("users", entries.get("items", []))}
-        return users == {user}
-    return _lists_user(run, user)
+    users = batch_users(run)
+    return users == {user} if users is not None else _lists_user(run, user)
 
 
 def _delete_rows(storage, run_id: str, partitions: list[str], user: str) -> int:

@@ -370,25 +370,25 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in _config(b.run, "train_adapters")["items"]}
     )
     pending = _Pending.empty()
-    for mode in MODES:
-        users = sorted(u for u, m in latest if m == mode and u not in gone)
+
+    def request(mode: str, versions: dict[tuple[str, str], str], only_if_trained: bool) -> None:
+        """Request each user's adapter not yet trained (nor being trained) on their dataset version."""
+        users = sorted(u for u, m in versions if m == mode and u not in gone)
         for base in bases:
             partitions = {str(adapter_partition_key(base, u)): u for u in users}
             trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
             for partition, user in partitions.items():
-                version = latest[(user, mode)]
+                version = versions[(user, mode)]
+                if only_if_trained and partition not in trained:
+                    continue
                 if trained.get(partition) != version and (base, user, mode, version) not in flying.items:
                     pending.add(base, user, mode, version)
+
+    for mode in MODES:
+        request(mode, latest, only_if_trained=False)
         # A dataset with nothing left to learn from: withdraw an adapter that was trained (no
         # adapter yet: nothing to do, as for a user with contacts but no messages).
-        users = sorted(u for u, m in emptied if m == mode and u not in gone)
-        for base in bases:
-            partitions = {str(adapter_partition_key(base, u)): u for u in users}
-            trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
-            for partition, user in partitions.items():
-                version = emptied[(user, mode)]
-                if partition in trained and trained[partition] != version and (base, user, mode, version) not in flying.items:
-                    pending.add(base, user, mode, version)
+        request(mode, emptied, only_if_trained=True)
     tick = _digest(after)
     requests = pending.requests(settings.users_per_run, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
 

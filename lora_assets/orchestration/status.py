@@ -24,11 +24,10 @@ from dagster._core.storage.event_log.base import PartitionKeyFilter
 
 from lora_assets.modes import MODES
 from lora_assets.orchestration.assets import GATE_CHECK, adapter_key, dataset_key, published_key
-from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
+from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, batch_users
 from lora_assets.orchestration.partitions import adapter_partition_key, users_partitions
 from lora_assets.orchestration.recording import latest_materializations
 from lora_assets.orchestration.registry import active_base_models
-from lora_assets.orchestration.sensors import in_flight
 
 STATUS_SCHEMA = 1
 PAGE = 256  # users per page of indexed reads
@@ -122,11 +121,7 @@ def _failures(instance: DagsterInstance, users: set[str]) -> dict[str, dict[str,
     )
     for record in runs:
         run = record.dagster_run
-        if run.job_name not in (DATASET_BATCH_JOB, ADAPTER_BATCH_JOB):
-            continue
-        ops = run.run_config.get("ops", {})
-        entries = ops.get("rebuild_datasets", ops.get("train_adapters", {})).get("config", {})
-        listed = {e.get("user") for e in entries.get("users", entries.get("items", []))} & users
+        listed = (batch_users(run) or set()) & users
         if not listed - set(out):
             continue
         failures = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE)
@@ -138,19 +133,25 @@ def _failures(instance: DagsterInstance, users: set[str]) -> dict[str, dict[str,
     return out
 
 
+def live_adapter_runs(instance: DagsterInstance) -> dict[tuple[str, str, str], str]:
+    """(base model, user, mode) -> the live adapter run training it (bounded by the queue)."""
+    flying: dict[tuple[str, str, str], str] = {}
+    for run in instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES))):
+        config = run.run_config["ops"]["train_adapters"]["config"]
+        for item in config["items"]:
+            flying[(config["base_model"], item["user"], item["mode"])] = run.run_id
+    return flying
+
+
 def adapter_status(
     instance: DagsterInstance,
     users: Sequence[str],
     modes: Sequence[str],
     bases: Sequence[str],
+    flying_runs: dict[tuple[str, str, str], str],
     failures: bool = True,
 ) -> list[AdapterStatus]:
     """The status of each (base model, user, mode), users in the given order."""
-    flying_runs: dict[tuple[str, str, str], str] = {}  # live adapter runs: bounded by the queue
-    for run in instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES))):
-        config = run.run_config["ops"]["train_adapters"]["config"]
-        for item in config["items"]:
-            flying_runs[(config["base_model"], item["user"], item["mode"])] = run.run_id
     failed = _failures(instance, set(users)) if failures else {}
     rows: list[AdapterStatus] = []
     for mode in modes:
@@ -230,9 +231,10 @@ def status(
     """The report ``lora-assets status`` prints; ``feed`` (optional) adds pending events and dead letters."""
     modes = [mode] if mode else list(MODES)
     bases = [base_model] if base_model else active_base_models(instance)
+    flying = live_adapter_runs(instance)  # read once for every page
     rows: list[AdapterStatus] = []
     for page in iter_users(instance, user):
-        rows.extend(adapter_status(instance, page, modes, bases, failures=user is not None))
+        rows.extend(adapter_status(instance, page, modes, bases, flying, failures=user is not None))
     pending = feed.pending_count() if feed is not None else None
     dead = len(feed.dead_letters()) if feed is not None else None
-    return StatusReport(rows, pending, dead, in_flight(instance).runs)
+    return StatusReport(rows, pending, dead, len(set(flying.values())))

@@ -215,7 +215,8 @@ def smollm2_gguf_path() -> Path:
     raise BaseModelError(f"no .gguf file found in the installed {_SMOLLM2_DIST} package")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (model weights do not fit a single read)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -258,7 +259,7 @@ def _build_smollm2(out: Path, home: Path | None) -> str:
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(out, safe_serialization=True)
     _smollm2_tokenizer(home).save_pretrained(out)
-    return "gguf-sha256:" + _sha256_file(gguf)[:16]
+    return "gguf-sha256:" + sha256_file(gguf)[:16]
 
 
 def _build_tiny_llama(out: Path, home: Path | None) -> str:
@@ -290,7 +291,7 @@ def _build_tiny_llama(out: Path, home: Path | None) -> str:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return "seed0-sha256:" + _sha256_file(out / "model.safetensors")[:16]
+    return "seed0-sha256:" + sha256_file(out / "model.safetensors")[:16]
 
 
 def _directory_revision(path: Path) -> str:
