@@ -61,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             status = published.metadata["version"].value if published else "gate failed"
             rows.append([
                 user, mode.name, meta["base_model"], f"{meta['base_eval_loss']:.3f}", f"{meta['adapter_eval_loss']:.3f}",
-                f"{meta['train_seconds']:.1f}", f"{meta['tokens_per_second']:.0f}", status,
+                *_timing_cells(meta), status,
             ])
     _print_table(
         ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s", "published"], rows
@@ -71,6 +71,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"  lora-assets sync --user {users[0]} --device-dir /tmp/device-{users[0]} --base-model {args.base_model}")
     print("see the runs and the asset graph: make ui  (then open http://127.0.0.1:3000)")
     return 0
+
+
+def _timing_cells(meta: dict) -> list[str]:
+    """Seconds and tokens/s of one adapter, or of its fused group (marked with the group's size)."""
+    if "group_seconds" in meta:
+        return [f"{meta['group_seconds']:.1f} (group of {meta['fused_with']})", f"{meta['group_tokens_per_second']:.0f}"]
+    return [f"{meta['train_seconds']:.1f}", f"{meta['tokens_per_second']:.0f}"]
 
 
 def _materializations(instance, run_id: str) -> list:
@@ -86,6 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lora_assets.data.user_store import validate_user_id
     from lora_assets.drive.sync import installed_adapter_dir, verify_installed
     from lora_assets.modes import get_mode
+    from lora_assets.settings import Settings
     from lora_assets.training import load_base_model
     from lora_assets.training.inference import generate, load_adapter
 
@@ -103,7 +111,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not path.exists():
             print(f"error: no {mode.name} adapter for user {args.user!r} on {args.base_model} at {path}", file=sys.stderr)
             return 1
-    base = load_base_model(args.base_model, home)
+    settings = Settings.from_env()
+    base = load_base_model(args.base_model, home, settings.device, settings.dtype)
     model = load_adapter(base, path) if path is not None else base.model
     print(generate(model, base.tokenizer, args.prompt, system=mode.system, max_new_tokens=args.max_new_tokens))
     return 0

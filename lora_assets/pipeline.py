@@ -88,8 +88,9 @@ def train_and_gate(
     Each adapter is planned (``plan_update``): a full training, or an incremental update that
     continues from the user's published adapter; an update that fails the gate is trained again
     in full, in the same call. A work whose dataset is missing, empty or unusable gets an
-    ``error`` and is not trained; the others are unaffected. Jobs are trained in fused groups of
-    ``settings.fuse``; each outcome goes to ``on_outcome`` as soon as it is final.
+    ``error`` and is not trained; the others are unaffected. Jobs train as ``settings.fusion``
+    resolves on the base's device (fused groups of at most ``settings.fuse``); each outcome goes
+    to ``on_outcome`` as soon as it is final, also from the middle of a fused group.
     """
     from lora_assets.adapters import FULL, INCREMENTAL, TrainingPlan, job_for, plan_update
     from lora_assets.datasets import content_hash, read_dataset
@@ -157,9 +158,9 @@ def train_and_gate(
             on_outcome(outcome)
 
     if jobs:
-        train_adapters([j for _, j in jobs], base, progress=progress, fuse=settings.fuse, on_saved=gate)
+        train_adapters([j for _, j in jobs], base, progress=progress, fuse=settings.fuse, fusion=settings.fusion, on_saved=gate)
     if retrain:
-        train_adapters([j for _, j in retrain], base, progress=progress, fuse=settings.fuse, on_saved=gate)
+        train_adapters([j for _, j in retrain], base, progress=progress, fuse=settings.fuse, fusion=settings.fusion, on_saved=gate)
     return outcomes
 
 
@@ -232,9 +233,7 @@ def adapter_metadata(result: TrainResult, dataset_version: str, training: dict[s
         **{k: _round(v) for k, v in result.extra_metrics.items()},  # DPO: accuracy/margin before, after
         "steps": result.steps,
         "train_tokens": result.train_tokens,
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "train_seconds": round(result.seconds, 2),
-        "fused_with": result.fused_with,
+        **{k: round(v, 2) if isinstance(v, float) else v for k, v in result.timing().items()},
         "size_bytes": weights.stat().st_size,
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "dataset_version": dataset_version,  # what the adapter sensor compares against

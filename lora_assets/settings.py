@@ -33,6 +33,9 @@ ENV_VARS: dict[str, str] = {
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
     "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
     "fuse": "LORA_ASSETS_FUSE",
+    "fusion": "LORA_ASSETS_FUSION",
+    "device": "LORA_ASSETS_DEVICE",
+    "dtype": "LORA_ASSETS_DTYPE",
     "torch_threads": "LORA_ASSETS_TORCH_THREADS",
     "max_attempts": "LORA_ASSETS_MAX_ATTEMPTS",
     "max_record_bytes": "LORA_ASSETS_MAX_RECORD_BYTES",
@@ -60,7 +63,10 @@ class Settings:
     gate_tolerance: float = 0.25  # ... and is at most this fraction worse than the published version's (run-to-run noise)
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
     users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
-    fuse: int = 8  # adapters trained in one fused group (one pass per step through the base)
+    fuse: int = 8  # at most this many adapters in one fused group (where the training variant fuses)
+    fusion: str = "auto"  # training variant: auto (batched on a GPU, sequential on a CPU), sequential, interleaved, batched
+    device: str = "auto"  # where training runs: auto (CUDA if present), cpu, cuda
+    dtype: str = "auto"  # base model dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     torch_threads: int = 0  # torch threads of a training run; 0: every core the run is given
     max_attempts: int = 3  # times a lost (crashed, killed) piece of work is requested before it is quarantined
     max_record_bytes: int = 64 * 1024  # ingest: one JSONL line
@@ -92,6 +98,10 @@ class Settings:
     def validate(self) -> None:
         if self.backend not in ("local", "s3"):
             raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
+        for name, allowed in (("fusion", ("auto", "sequential", "interleaved", "batched")),
+                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "fp32", "bf16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
                      "max_field_chars", "max_list_items", "max_depth"):
             if getattr(self, name) < 1:

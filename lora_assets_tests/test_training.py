@@ -128,54 +128,6 @@ def test_several_jobs_in_one_sequential_call_equal_each_job_alone(tiny_base, syn
             torch.testing.assert_close(ta[name], aa[name], rtol=0, atol=0)
 
 
-def _mixed_jobs(tables, out: Path) -> list[TrainJob]:
-    """Four jobs of different users and modes, example counts, step budgets, rates and seeds."""
-    search = MODES["search_suggest"]
-    jobs = [
-        _mail_job(tables, "user-000", out / "a", max_steps=6),
-        _mail_job(tables, "user-001", out / "b", max_steps=3, seed=7),
-        replace(job_for(search, "user-000", build_examples(search, tables["user-000"]), out / "c",
-                        steps=5), learning_rate=5e-3),
-        replace(_mail_job(tables, "user-001", out / "d", max_steps=4), train=_mail_job(tables, "user-001", out).train[:5]),
-    ]
-    assert len({len(j.train) for j in jobs}) == 4 and len({j.steps for j in jobs}) == 4
-    return jobs
-
-
-def test_fused_training_equals_training_each_job_alone(tiny_base, synthetic_tables, tmp_path):
-    fused_jobs = _mixed_jobs(synthetic_tables, tmp_path / "fused")
-    alone_jobs = _mixed_jobs(synthetic_tables, tmp_path / "alone")
-    fused = train_adapters(fused_jobs, tiny_base, progress=None, fuse=8)
-    alone = train_adapters(alone_jobs, tiny_base, progress=None, fuse=1)  # peft's own LoRA layers
-    assert [r.fused_with for r in fused] == [4, 4, 4, 4] and [r.fused_with for r in alone] == [1, 1, 1, 1]
-    for f, a, fj, aj in zip(fused, alone, fused_jobs, alone_jobs):
-        assert f.steps == a.steps == fj.steps
-        assert f.loss_curve == pytest.approx(a.loss_curve, rel=1e-4, abs=1e-5)
-        assert f.adapter_eval_loss == pytest.approx(a.adapter_eval_loss, rel=1e-5)
-        assert f.base_eval_loss == pytest.approx(a.base_eval_loss, rel=1e-6)
-        assert (f.train_tokens, f.total_tokens) == (a.train_tokens, a.total_tokens)
-        ft, at = _tensors(fj.output_dir), _tensors(aj.output_dir)
-        assert ft.keys() == at.keys()
-        for name in ft:
-            torch.testing.assert_close(ft[name], at[name], rtol=1e-4, atol=1e-5)
-    # ... and the fused adapters are standard PEFT folders with their own metadata.
-    meta = read_adapter_metadata(fused_jobs[2].output_dir)
-    assert meta["mode"] == "search_suggest" and meta["metrics"]["fused_with"] == 4
-
-
-def test_fused_training_never_mixes_users(tiny_base, synthetic_tables, tmp_path):
-    """A job's adapter is the same whether its fused neighbours train on one user or another."""
-    with_000 = _mixed_jobs(synthetic_tables, tmp_path / "x")
-    with_001 = _mixed_jobs(synthetic_tables, tmp_path / "y")
-    with_001[0] = _mail_job(synthetic_tables, "user-001", tmp_path / "y" / "a", max_steps=6, seed=3)
-    train_adapters(with_000, tiny_base, progress=None, fuse=8)
-    train_adapters(with_001, tiny_base, progress=None, fuse=8)
-    for x, y in zip(with_000[1:], with_001[1:]):
-        xt, yt = _tensors(x.output_dir), _tensors(y.output_dir)
-        for name in xt:
-            torch.testing.assert_close(xt[name], yt[name], rtol=1e-4, atol=1e-5)  # fp32 noise only
-
-
 def test_warm_start_continues_from_previous_adapter(tiny_base, synthetic_tables, tmp_path):
     first = _mail_job(synthetic_tables, "user-000", tmp_path / "v1", max_steps=10)
     (r1,) = train_adapters([first], tiny_base, progress=None)

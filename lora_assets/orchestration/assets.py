@@ -168,7 +168,7 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
         use_run_threads(settings)
         base_model, user = split_adapter_key(context.partition_key)
         work = AdapterWork(base_model, user, mode.name)
-        base = loaded_base_model(base_model, settings.home, settings.shared_base_models())
+        base = loaded_base_model(base_model, settings)
         (outcome,) = train_and_gate(settings, base, [work], progress=progress_logger(context))
         if outcome.error or outcome.withdraw:
             raise Failure(f"{work.name}: not trained: {outcome.error or outcome.withdraw}"

@@ -184,8 +184,6 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
         [(k(w.mode), partition[w]) for w in works for k in (adapter_key, published_key)],
         [(adapter_key(w.mode), GATE_CHECK, partition[w], adapter_partitions) for w in works],
     )
-    context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
-                     f"fused {settings.fuse} at a time, {threads} torch threads")
     permanent, lost = [], []
 
     def record(outcome: AdapterOutcome) -> None:
@@ -228,7 +226,13 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
             lost.append(label)
             context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
 
-    base = loaded_base_model(base_model, settings.home, settings.shared_base_models())
+    base = loaded_base_model(base_model, settings)
+    from lora_assets.training.variant import resolve_fusion
+
+    context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
+                     f"{base.device.type} {str(base.dtype).removeprefix('torch.')}, "
+                     f"{resolve_fusion(settings.fusion, base.device)} training (groups of at most {settings.fuse}), "
+                     f"{threads} torch threads")
     train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)
     if permanent or lost:
         raise Failure(

@@ -32,6 +32,9 @@ class LoraAssetsHome(ConfigurableResource):
     train_steps: int | None = None
     users_per_run: int | None = None
     fuse: int | None = None
+    fusion: str | None = Field(default=None, description="Training variant: auto, sequential, interleaved, batched ($LORA_ASSETS_FUSION)")
+    device: str | None = Field(default=None, description="auto, cpu or cuda ($LORA_ASSETS_DEVICE)")
+    dtype: str | None = Field(default=None, description="auto, fp32, bf16 or fp16 ($LORA_ASSETS_DTYPE)")
     torch_threads: int | None = None
     max_attempts: int | None = None
     max_record_bytes: int | None = None

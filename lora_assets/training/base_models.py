@@ -153,27 +153,40 @@ def resolve_base_model(key: str, home: Path | None = None) -> BaseModelRef:
     )
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 when present, CPU in fp32 otherwise."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def load_base_model(key: str, home: Path | None = None) -> LoadedBaseModel:
-    """Load a base model and its tokenizer onto the best local device."""
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA in bf16 when present, CPU in fp32 otherwise; either can be forced, so the
+    dtype a GPU worker trains in (bf16) also runs on a CPU (``LORA_ASSETS_DTYPE=bf16``)."""
+    if device not in DEVICES:
+        raise BaseModelError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BaseModelError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("device 'cuda' asked for, but torch sees no CUDA device")
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" else "fp32"
+    return torch.device(device), DTYPES[dtype]
+
+
+def load_base_model(key: str, home: Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedBaseModel:
+    """Load a base model and its tokenizer onto ``device`` in ``dtype`` (``pick_device``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve_base_model(key, home)
-    device, dtype = pick_device()
+    torch_device, torch_dtype = pick_device(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype).to(torch_device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return LoadedBaseModel(ref=ref, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return LoadedBaseModel(ref=ref, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
 
 
 # --- cache building -------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 Why one call for many jobs: loading a base model costs seconds to minutes, a LoRA step costs
 milliseconds to seconds. A Dagster run that refreshes a hundred users' adapters should pay the load
-once. Jobs that can share a forward/backward pass (SFT with the same LoRA shape) are trained
-*fused*, up to ``fuse`` at a time (``training/fused.py``); the others (DPO) one after another,
-each with a fresh peft LoRA on the same base (``get_peft_model`` -> train -> save -> ``unload``).
-Every job is seeded on its own, so it trains to the same tensors alone or in a batch (exactly
-when sequential, up to fp32 reduction order when fused).
+once. How the jobs train is resolved once per call (``training/variant.py``): on a GPU, jobs
+that can share a forward/backward pass (SFT with the same LoRA shape) are trained *fused*, up
+to ``fuse`` per group (``training/fused.py``); the others (DPO), and every job on a CPU, one
+after another, each with a fresh peft LoRA on the same base (``get_peft_model`` -> train ->
+save -> ``unload``). Every job is seeded on its own, so it trains to the same tensors alone or
+in a batch (exactly when sequential, up to reduction order when fused).
 
 The loss covers response tokens only, and the LM head is applied only to those positions: the
 head of a 49k-vocabulary model is ~20 % of a forward pass, and prompt positions need no logits.
@@ -19,7 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lora_assets.training.base_models import LoadedBaseModel, load_base_model
-from lora_assets.training.fused import fusion_key, train_fused
+from lora_assets.training.fused import train_fused
 from lora_assets.training.jobs import (
     InvalidTrainingData,
     ProgressFn,
@@ -43,9 +43,10 @@ from lora_assets.training.text import (
     eval_loss,
     supervised_tokens,
 )
+from lora_assets.training.variant import AUTO, SEQUENTIAL, plan_training
 
 METADATA_FILE = "lora_assets.json"
-DEFAULT_FUSE = 8  # jobs per fused pass: on 2 CPU cores ~ as fast as alone, on a GPU much faster
+DEFAULT_FUSE = 8  # jobs per fused group (where the variant fuses: batched on a GPU by default)
 
 
 def validate_job(job: TrainJob) -> None:
@@ -62,38 +63,35 @@ def train_adapters(
     on_trained: Callable[[TrainJob, Any], None] | None = None,
     fuse: int = DEFAULT_FUSE,
     on_saved: Callable[[TrainJob, TrainResult], None] | None = None,
+    fusion: str = AUTO,
 ) -> list[TrainResult]:
     """Train every job's adapter on one loaded base model; write each as a PEFT folder.
 
     All jobs are validated before any training starts, so a bad job fails the call without
     leaving a half-written adapter anywhere. Each adapter is written to a temporary sibling and
     renamed into place, so ``output_dir`` holds either the previous adapter or the new one.
-    ``fuse`` bounds how many jobs share a pass; 1 trains every job alone. ``on_saved(job,
-    result)`` is called as soon as each adapter is on disk and the base model is free again
-    (after each sequential job, after each fused group), so a caller can evaluate, publish and
-    report while the rest trains.
+    How the jobs train is planned once (``variant.plan_training``): ``fusion`` (``auto``,
+    ``sequential``, ``interleaved``, ``batched``) on the base's device, at most ``fuse`` jobs per
+    fused group, shortest budget first. ``on_saved(job, result)`` is called as soon as each
+    adapter is on disk and the base model is free again, also in the middle of a fused group, so
+    a caller can evaluate, publish and report while the rest trains.
     """
     for job in jobs:
         validate_job(job)
     base = base_model if isinstance(base_model, LoadedBaseModel) else load_base_model(base_model, home)
     results: dict[int, TrainResult] = {}
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, job in enumerate(jobs):
-        key = fusion_key(job) if fuse > 1 else None
-        if key is None:
-            results[i] = _train_one(job, base, progress, on_trained)
+    for group in plan_training(jobs, base.device, fuse, fusion):
+        if group.variant == SEQUENTIAL:
+            (i,) = group.jobs
+            results[i] = _train_one(jobs[i], base, progress, on_trained)
             if on_saved is not None:
-                on_saved(job, results[i])
-        else:
-            groups[key].append(i)
-    for members in groups.values():
-        for start in range(0, len(members), fuse):
-            chunk = members[start : start + fuse]
-            fused = train_fused([jobs[i] for i in chunk], base, progress, on_trained, _save_adapter_for(base))
-            results.update(zip(chunk, fused))
-            for i, result in zip(chunk, fused):
-                if on_saved is not None:
-                    on_saved(jobs[i], result)
+                on_saved(jobs[i], results[i])
+            continue
+        fused = train_fused(
+            [jobs[i] for i in group.jobs], base, progress, on_trained, _save_adapter_for(base),
+            jobs_per_pass=group.jobs_per_pass, on_saved=on_saved,
+        )
+        results.update(zip(group.jobs, fused))
     return [results[i] for i in range(len(jobs))]
 
 

@@ -59,10 +59,21 @@ class TrainResult:
     adapter_eval_loss: float | None
     train_tokens: int  # supervised (response) tokens seen
     total_tokens: int  # all non-pad tokens processed
-    seconds: float  # this job's share of the training loop (fused jobs split their group's time)
-    tokens_per_second: float  # total_tokens / seconds
+    # What was measured, and nothing allotted: a job trained alone has its own wall time; a
+    # fused job shared every pass, so only its group's time and size are known.
+    seconds: float | None  # its own training wall time; None when it trained in a fused group
+    tokens_per_second: float | None  # total_tokens / seconds; None in a fused group
     extra_metrics: dict[str, float] = field(default_factory=dict)  # e.g. DPO accuracy before/after
-    fused_with: int = 1  # jobs that shared each forward/backward pass with this one
+    fused_with: int = 1  # jobs of the fused group it trained in (1: alone)
+    group_seconds: float | None = None  # the group's training time from its first step to this job's last
+    group_tokens_per_second: float | None = None  # tokens of the whole group / group_seconds
+
+    def timing(self) -> dict[str, Any]:
+        """The timing figures that apply, under names that say whose they are."""
+        if self.fused_with == 1:
+            return {"train_seconds": self.seconds, "tokens_per_second": self.tokens_per_second}
+        return {"group_seconds": self.group_seconds, "group_tokens_per_second": self.group_tokens_per_second,
+                "fused_with": self.fused_with}
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -33,6 +33,7 @@ from lora_assets.training.text import (
     eval_loss,
     make_batches,
     response_loss,
+    response_loss_per_block,
     to_device,
     tokenize_example,
 )
@@ -52,6 +53,11 @@ class Prepared:
 
 class SftTraining:
     """Next-token loss on response tokens; held-out measure: the same loss on the eval split."""
+
+    # Each row's loss depends on that row alone, so several jobs' batches can share a pass:
+    # ``block_losses(model, batch, k)`` gives each of k stacked batches its own mean loss.
+    fusable = True
+    block_losses = staticmethod(response_loss_per_block)
 
     def validate(self, job: TrainJob) -> None:
         validate_examples(job.name, job.train, "train", Example, ("prompt", "response"))
@@ -77,6 +83,8 @@ class SftTraining:
 
 class DpoTraining:
     """Sigmoid DPO against the frozen base; held-out measure: the DPO loss on eval pairs."""
+
+    fusable = False  # chosen and rejected rows of a pair, and their base reference, go together
 
     def __init__(self, objective: DPO) -> None:
         self.beta = objective.beta

@@ -127,6 +127,18 @@ def response_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean"
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
+def response_loss_per_block(model, batch: dict[str, torch.Tensor], blocks: int) -> torch.Tensor:
+    """Mean response loss of each of ``blocks`` equally tall row blocks of ``batch``: what
+    ``response_loss`` gives each block alone, from one forward pass over all of them."""
+    logits, targets, keep = supervised_logits(model, batch)
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    block = rows // (keep.shape[0] // blocks)
+    token_loss = F.cross_entropy(logits, targets, reduction="none")
+    sums = torch.zeros(blocks, device=logits.device).index_add(0, block, token_loss)
+    counts = torch.zeros(blocks, device=logits.device).index_add(0, block, torch.ones_like(token_loss))
+    return sums / counts
+
+
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
