@@ -1,0 +1,67 @@
+"""The training path a GPU worker takes, through the real daemon on this CPU: the base in bf16
+(``LORA_ASSETS_DTYPE=bf16``, what ``auto`` picks on CUDA), fused groups with every job in each
+pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import DagsterEventType
+
+from lora_assets.drive.sync import installed_adapter_dir, sync_device
+from lora_assets.orchestration.runs import register_base_model_partition
+from lora_assets.training import load_base_model
+from lora_assets.training.inference import load_adapter
+from lora_assets_tests.harness import Daemon, adapter_runs
+
+
+@pytest.fixture(scope="module")
+def gpu_path_daemon(tmp_path_factory, home, tiny_base):
+    d = Daemon(tmp_path_factory.mktemp("gpu-path"), home / "base_models", env={
+        "LORA_ASSETS_DTYPE": "bf16", "LORA_ASSETS_FUSION": "batched", "LORA_ASSETS_TRAIN_STEPS": "0",
+    })
+    register_base_model_partition(d.instance, "tiny-llama")
+    yield d
+    d.stop()
+
+
+def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains_on(gpu_path_daemon, tmp_path):
+    from lora_assets.data.synthetic import generate_user
+
+    daemon = gpu_path_daemon
+    small = generate_user("small", scale=1)["mail"].to_pylist()[:12]  # 10 steps (the budget's floor)
+    large = generate_user("large", scale=4)["mail"].to_pylist()  # 240 mails: ~48 steps
+    daemon.ingest("small", "mail", small)
+    daemon.ingest("large", "mail", large)
+    daemon.start()
+    runs = daemon.settle()
+    (run,) = [r for r in runs if r.job_name == "adapter_batch"]
+    assert adapter_runs([run]) == {"tiny-llama|small": {"mail_reply/adapter"}, "tiny-llama|large": {"mail_reply/adapter"}}
+    logs = [e.message for e in daemon.instance.all_logs(run.run_id)]
+    assert any("cpu bfloat16, batched training" in m for m in logs), "the run trained in bf16, batched"
+
+    events = [(r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition,
+               r.event_log_entry.dagster_event.materialization.metadata)
+              for r in daemon.instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records]
+    # The run's event log in order: the small user's adapter is published while the large
+    # user's training is still logging steps.
+    log = daemon.instance.all_logs(run.run_id)
+    small_published = next(i for i, e in enumerate(log) if e.dagster_event and e.dagster_event.is_step_materialization
+                           and e.dagster_event.asset_key.to_user_string() == "mail_reply/published"
+                           and e.dagster_event.partition == "tiny-llama|small")
+    large_steps = [i for i, e in enumerate(log) if e.user_message.startswith("[large/mail_reply] step")]
+    assert large_steps and large_steps[-1] > small_published, "the small user waited for the large user's training"
+
+    adapters = {partition: meta for key, partition, meta in events if key == "mail_reply/adapter"}
+    for partition, meta in adapters.items():
+        assert meta["fused_with"].value == 2 and "train_seconds" not in meta, "a fused adapter has no time of its own"
+        assert meta["adapter_eval_loss"].value < meta["base_eval_loss"].value, partition
+    assert adapters["tiny-llama|small"]["steps"].value < adapters["tiny-llama|large"]["steps"].value
+    assert adapters["tiny-llama|small"]["group_seconds"].value < adapters["tiny-llama|large"]["group_seconds"].value
+
+    # A device gets both, and the safetensors-only loader puts each on a bf16 base.
+    base = load_base_model("tiny-llama", daemon.data, device="cpu", dtype="bf16")
+    for user in ("small", "large"):
+        device = tmp_path / user
+        assert sync_device(daemon.settings.drive(), user, device, "tiny-llama").ok
+        model = load_adapter(base, installed_adapter_dir(device, "tiny-llama", "mail_reply"))
+        base.model = model.unload()
