@@ -1,7 +1,7 @@
 """Training throughput of the core vs a plain peft + transformers loop, and fused vs sequential.
 
     .venv/bin/python benchmarks/train_throughput.py [--base-model smollm2-135m] [--steps 6] [--rounds 2]
-        [--fused 1 4 8 16] [--fused-steps 3]
+        [--fused 1 4 8 16] [--fused-steps 3] [--fusion interleaved|batched]
 
 Both loops train a fresh r=16 q/k/v/o LoRA with AdamW on identical batches (the core's own
 ``make_batches`` output for a synthetic user's mail_reply data). The plain loop is what one writes
@@ -10,8 +10,9 @@ noise hits both. Printed: tokens/s of each, their ratio, and achieved FLOP/s as 
 measured fp32 GEMM peak on this machine.
 
 Then, for each K of ``--fused``: K users' mail_reply adapters trained by ``train_adapters``
-sequentially (``fuse=1``: peft's own LoRA layers, one job after another) and fused (``fuse=K``:
-every step of all K jobs in one fused group), on the same jobs, for ``--rounds`` rounds after a
+sequentially (peft's own LoRA layers, one job after another) and fused (one group of K;
+``--fusion interleaved``, the default here: one job's rows per pass, what fusing on a CPU would
+be; ``batched``: all K jobs' rows in each pass), on the same jobs, for ``--rounds`` rounds after a
 warm-up, alternating which goes first. Printed per K: training-loop tokens/s and fraction of the GEMM peak of
 both, adapters per hour of the whole call (evaluation and saving included), and fused/sequential.
 """
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fused", type=int, nargs="*", default=[1, 4, 8, 16], help="K values (none: skip)")
     parser.add_argument("--fused-steps", type=int, default=3)
+    parser.add_argument("--fusion", default="interleaved", choices=["interleaved", "batched"])
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -135,7 +137,7 @@ def main() -> None:
               f"= {flops / seconds / peak:5.1%} of GEMM peak")
     print(f"ratio core/plain: {rates['core'] / rates['plain']:.2f}x")
     if args.fused:
-        fused_vs_sequential(base, args.fused, args.fused_steps, args.rounds, peak)
+        fused_vs_sequential(base, args.fused, args.fused_steps, args.rounds, peak, args.fusion)
 
 
 def job_flops(base, job) -> float:
@@ -145,7 +147,14 @@ def job_flops(base, job) -> float:
     return sum(step_flops(base.model, b, head_everywhere=False) for b in batches)
 
 
-def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: float) -> None:
+def loop_seconds(results) -> float:
+    """Training-loop seconds of one call: each lone job's own, plus its group's for fused ones
+    (one group of K here: the longest job's ``group_seconds``)."""
+    alone = sum(r.seconds for r in results if r.fused_with == 1)
+    return alone + max((r.group_seconds for r in results if r.fused_with > 1), default=0.0)
+
+
+def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: float, fusion: str) -> None:
     """K users' adapters, sequential vs fused, same jobs, alternating rounds after a warm-up."""
     mode = MODES["mail_reply"]
     users = [f"user-{i:03d}" for i in range(max(ks))]
@@ -156,20 +165,20 @@ def fused_vs_sequential(base, ks: list[int], steps: int, rounds: int, peak: floa
           f"{'seq adapters/h':>14} {'fused adapters/h':>16}  {'ratio':>5}")
     with tempfile.TemporaryDirectory() as tmp:
         warm = [job_for(mode, users[0], datasets[users[0]], Path(tmp) / "warm", steps=1)]
-        for fuse in (1, 2):  # first steps pay one-off allocations and kernel selection
-            train_adapters(warm, base, progress=None, fuse=fuse)
+        for variant in ("sequential", fusion):  # first steps pay one-off allocations and kernel selection
+            train_adapters(warm * 2, base, progress=None, fusion=variant)
         for k in ks:
             jobs = [job_for(mode, u, datasets[u], Path(tmp) / u, steps=steps) for u in users[:k]]
             flops = sum(job_flops(base, j) for j in jobs)
             totals = {"sequential": [0.0, 0.0, 0.0], "fused": [0.0, 0.0, 0.0]}  # tokens, loop s, wall s
             for r in range(rounds):
-                order = (("sequential", 1), ("fused", k))
-                for name, fuse in order if r % 2 == 0 else order[::-1]:  # neither always goes first
+                order = (("sequential", "sequential"), ("fused", fusion))
+                for name, variant in order if r % 2 == 0 else order[::-1]:  # neither always goes first
                     out = [replace(j, output_dir=Path(tmp) / name / j.name) for j in jobs]
                     start = time.perf_counter()
-                    results = train_adapters(out, base, progress=None, fuse=fuse)
+                    results = train_adapters(out, base, progress=None, fusion=variant, fuse=k)
                     totals[name][2] += time.perf_counter() - start
-                    totals[name][1] += sum(r.seconds for r in results)
+                    totals[name][1] += loop_seconds(results)
                     totals[name][0] += sum(r.total_tokens for r in results)
             row = {n: (t / loop, flops * rounds / loop / peak, k * rounds / wall * 3600) for n, (t, loop, wall) in totals.items()}
             (st, sp, sh), (ft, fp, fh) = row["sequential"], row["fused"]

@@ -177,3 +177,16 @@ def test_a_small_job_is_saved_and_handed_over_before_its_group_trains_on(tiny_ba
     longest = jobs[0].name  # 6 steps
     first_saved = events.index(saved[0])
     assert ("step", longest, 4) in events[first_saved:], "the 3-step job did not wait for the 6-step one"
+
+
+def test_fp16_trains_batched_as_one_job_per_pass_does(home, synthetic_tables, tmp_path):
+    """fp16 takes the same casts as bf16 (fp32 LoRA on a half-precision base)."""
+    base = load_base_model("tiny-llama", home, device="cpu", dtype="fp16")
+    runs = {}
+    for variant in (INTERLEAVED, BATCHED):
+        jobs = [replace(j, max_steps=2) for j in _mixed_jobs(synthetic_tables, tmp_path / variant)[:2]]
+        runs[variant] = train_adapters(jobs, base, progress=None, fusion=variant)
+    for inter, batched in zip(runs[INTERLEAVED], runs[BATCHED]):
+        assert batched.fused_with == 2 and batched.adapter_eval_loss < batched.base_eval_loss - 0.1
+        gained = inter.base_eval_loss - inter.adapter_eval_loss
+        assert abs(batched.adapter_eval_loss - inter.adapter_eval_loss) <= 0.01 * gained
