@@ -20,13 +20,15 @@ K8S = PROJECT / "deploy" / "k8s"
 ACCOUNT, REGION = "123456789012", "us-east-1"  # moto's account
 
 
-def _filled(path: Path, bucket: str) -> dict:
+def _filled(path: Path, bucket: str, **more: str) -> dict:
+    """A deploy file with its ``${...}`` placeholders filled, as the runbook's envsubst does."""
     text = path.read_text()
     for name, value in {"ACCOUNT_ID": ACCOUNT, "REGION": REGION, "BUCKET": bucket, "PG_HOST": "db.internal",
-                        "IMAGE": "registry/lora-assets:1", "GPU_IMAGE": "registry/lora-assets:1-cuda"}.items():
+                        "IMAGE": "registry/lora-assets:1", "GPU_IMAGE": "registry/lora-assets:1-cuda",
+                        "CLUSTER": "lora-assets", **more}.items():
         text = text.replace("${" + name + "}", value)
     assert "${" not in text, f"{path}: unknown placeholder"
-    return json.loads(text)
+    return yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
 
 
 def _instance_env_vars(config_path: Path) -> set[str]:
@@ -56,11 +58,16 @@ def test_ecs_task_definitions_policies_and_notifications_are_accepted_and_set_ev
         assert names - {"DAGSTER_HOME"} <= set(ENV_VARS.values()) | _instance_env_vars(ECS / "dagster.yaml"), path.name
         home = next(e["value"] for e in container["environment"] if e["name"] == "DAGSTER_HOME")
         assert (PROJECT / home.removeprefix("/opt/lora_assets/") / "dagster.yaml").is_file(), "DAGSTER_HOME in the image"
-    assert families == {"lora-assets-webserver", "lora-assets-daemon", "lora-assets-code-server", "lora-assets-run"}
+    assert families == {"lora-assets-webserver", "lora-assets-daemon", "lora-assets-code-server", "lora-assets-run",
+                        "lora-assets-run-cpu"}
     run = _filled(ECS / "task-definitions" / "run-worker.json", aws["bucket"])
+    cpu_run = _filled(ECS / "task-definitions" / "run-worker-cpu.json", aws["bucket"])
     launcher = yaml.safe_load((ECS / "dagster.yaml").read_text())["run_launcher"]["config"]
-    assert run["containerDefinitions"][0]["name"] == launcher["container_name"]
+    assert run["containerDefinitions"][0]["name"] == cpu_run["containerDefinitions"][0]["name"] == launcher["container_name"]
     assert {"type": "GPU", "value": "1"} in run["containerDefinitions"][0]["resourceRequirements"]
+    assert "resourceRequirements" not in cpu_run["containerDefinitions"][0]
+    for key in ("environment", "secrets"):  # the CPU worker runs the same code with the same settings
+        assert cpu_run["containerDefinitions"][0][key] == run["containerDefinitions"][0][key]
 
     for path in sorted((ECS / "iam").glob("*-policy.json")):
         iam.create_policy(PolicyName=f"lora-assets-{path.stem}", PolicyDocument=json.dumps(_filled(path, aws["bucket"])))
@@ -83,6 +90,89 @@ def test_ecs_task_definitions_policies_and_notifications_are_accepted_and_set_ev
     for key in ("users/deploy-check/mail/seg-000001.parquet", "drive/deploy-check/not-announced"):
         aws["s3"].delete_object(Bucket=aws["bucket"], Key=key)
     drain(aws)
+
+
+def test_the_ecs_launcher_starts_dataset_runs_on_the_cpu_worker_and_training_on_the_gpu_worker(aws, monkeypatch):
+    """deploy/ecs/dagster.yaml's EcsRunLauncher, built by a Dagster instance, launches runs of the real
+    jobs on moto's ECS: each RunTask names the cluster, the private subnets and security group, and
+    the run worker its job's tag picks (the GPU one by default)."""
+    import sys
+
+    from dagster import instance_for_test
+    from dagster._core.test_utils import in_process_test_workspace
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    from lora_assets.definitions import defs
+    from lora_assets.orchestration.assets import adapter_key
+
+    def client(service: str):
+        return boto3.client(service, endpoint_url=aws["endpoint"], region_name=REGION)
+
+    ecs, ec2 = client("ecs"), client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
+    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})  # moto names task ENIs only then
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.42.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)]
+    group = ec2.create_security_group(GroupName="lora-assets-run", Description="run workers", VpcId=vpc)["GroupId"]
+    cluster = ecs.create_cluster(clusterName="lora-assets-launch")["cluster"]["clusterArn"]
+    arns = {}
+    for name in ("run-worker.json", "run-worker-cpu.json"):
+        definition = _filled(ECS / "task-definitions" / name, aws["bucket"])
+        # moto 5.2 sizes a task by its containers' memory only (TypeError without it); ECS uses the task's.
+        definition["containerDefinitions"][0]["memoryReservation"] = 512
+        arns[definition["family"]] = ecs.register_task_definition(**definition)["taskDefinition"]["taskDefinitionArn"]
+    # moto ignores capacity providers and places every task on a registered container instance.
+    instance_id = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    ecs.register_container_instance(cluster=cluster, instanceIdentityDocument=json.dumps({"instanceId": instance_id}))
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["endpoint"])  # the launcher's own boto3 clients
+    monkeypatch.setenv("LORA_ASSETS_ECS_CLUSTER", "lora-assets-launch")
+    monkeypatch.setenv("LORA_ASSETS_ECS_TASK_DEFINITION", arns["lora-assets-run"])
+    config = _filled(ECS / "dagster.yaml", aws["bucket"], RUN_SUBNETS=json.dumps(subnets),
+                     RUN_SECURITY_GROUPS=json.dumps([group]))
+    with instance_for_test(overrides={"run_launcher": config["run_launcher"]}) as instance:
+        calls = []  # what the launcher asked RunTask for, after botocore checked it against ECS's API
+        instance.run_launcher.ecs.meta.events.register(
+            "provide-client-params.ecs.RunTask", lambda params, **_: calls.append(json.loads(json.dumps(params))))
+        secrets_calls = []  # the daemon's role may not list secrets (iam/daemon-policy.json)
+        instance.run_launcher.secrets_manager.meta.events.register(
+            "provide-client-params.secrets-manager", lambda params, **_: secrets_calls.append(params))
+        origin = LoadableTargetOrigin(executable_path=sys.executable, module_name="lora_assets.definitions",
+                                      attribute="defs")
+        with in_process_test_workspace(instance, origin, container_image="registry/lora-assets:1") as workspace:
+            (location_name,) = workspace.code_location_names
+            (repository,) = workspace.get_code_location(location_name).get_repositories().values()
+
+            def launch(job_name: str, ops: dict | None = None, **selection):
+                remote = repository.get_full_job(job_name)
+                run = instance.create_run_for_job(  # with the job's tags, as the sensor daemon creates it
+                    defs.resolve_job_def(job_name), tags=remote.run_tags, remote_job_origin=remote.get_remote_origin(),
+                    job_code_origin=remote.get_python_origin(), run_config={"ops": ops} if ops else None, **selection)
+                instance.launch_run(run.run_id, workspace)
+                (task,) = ecs.describe_tasks(cluster=cluster, tasks=[instance.get_run_by_id(run.run_id).tags["ecs/task_arn"]])["tasks"]
+                return calls[-1], task
+
+            dataset, dataset_task = launch("dataset_batch", {"rebuild_datasets": {"config": {
+                "users": [{"user": "alice", "sources": ["mail"]}]}}})
+            adapter, adapter_task = launch("adapter_batch", {"train_adapters": {"config": {
+                "base_model": "tiny-llama", "items": [{"user": "alice", "mode": "search_suggest"}]}}})
+            # A one-partition adapter run from the UI: no job tag, the launcher's default.
+            default, default_task = launch("__ASSET_JOB", asset_selection={adapter_key("search_suggest")})
+
+    assert len(calls) == 3 and secrets_calls == []
+    network = {"awsvpcConfiguration": {"subnets": subnets, "securityGroups": [group], "assignPublicIp": "DISABLED"}}
+    for call, task in ((dataset, dataset_task), (adapter, adapter_task), (default, default_task)):
+        assert call["cluster"] == "lora-assets-launch" and task["clusterArn"] == cluster
+        assert call["networkConfiguration"] == network and "launchType" not in call
+        assert {"cpu", "memory"}.isdisjoint(call["overrides"]), "each task definition sizes its own task"
+        eni = next(d["value"] for d in task["attachments"][0]["details"] if d["name"] == "networkInterfaceId")
+        (interface,) = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"]
+        assert interface["SubnetId"] == subnets[0] and [g["GroupId"] for g in interface["Groups"]] == [group]
+    assert dataset["taskDefinition"] == "lora-assets-run-cpu" and dataset_task["taskDefinitionArn"] == arns["lora-assets-run-cpu"]
+    assert dataset["capacityProviderStrategy"] == [{"capacityProvider": "FARGATE", "weight": 1}]
+    assert adapter["taskDefinition"] == "lora-assets-run" and adapter_task["taskDefinitionArn"] == arns["lora-assets-run"]
+    assert default["taskDefinition"] == default_task["taskDefinitionArn"] == arns["lora-assets-run"]
+    for call in (adapter, default):
+        assert call["capacityProviderStrategy"] == [{"capacityProvider": "lora-assets-gpu", "weight": 1}]
 
 
 def _camel_to_snake(value):

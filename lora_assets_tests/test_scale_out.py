@@ -303,6 +303,7 @@ def test_production_instance_configs_parse(flavour, launcher, monkeypatch):
         "DAGSTER_PG_HOST": "db", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "x",
         "DAGSTER_PG_DB": "dagster", "LORA_ASSETS_COMPUTE_LOG_BUCKET": "logs",
         "LORA_ASSETS_ECS_TASK_DEFINITION": "arn:aws:ecs:us-east-1:1:task-definition/lora-gpu:1",
+        "LORA_ASSETS_ECS_CLUSTER": "lora-assets",
         "LORA_ASSETS_IMAGE": "registry/lora-assets:1", "LORA_ASSETS_K8S_NAMESPACE": "lora",
     }
     for key, value in env.items():

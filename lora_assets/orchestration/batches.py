@@ -63,6 +63,13 @@ TRAINING_POD = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
 }
+# On ECS (EcsRunLauncher) this tag is merged last into the run's RunTask call, so each job picks
+# its run worker: dataset runs are CPU work on Fargate, training needs the GPU worker; other
+# launchers ignore it. Runs without it get the launcher's default, the GPU worker (dagster.yaml).
+ECS_RUN_TASK_TAG = "ecs/run_task_kwargs"
+CPU_RUN_TASK = json.dumps({"taskDefinition": "lora-assets-run-cpu",
+                           "capacityProviderStrategy": [{"capacityProvider": "FARGATE", "weight": 1}]})
+GPU_RUN_TASK = json.dumps({"taskDefinition": "lora-assets-run"})
 PERMANENT_FAILURES = "permanent_failures"  # Failure metadata: work that must not be retried
 
 
@@ -263,7 +270,7 @@ def already_published(instance, works: list[AdapterWork], partition: dict, datas
 @job(
     name=DATASET_BATCH_JOB,
     description="Rebuilds the changed sources and datasets of a batch of users (launched by change_feed_sensor).",
-    tags={"lora_assets/kind": "datasets"},
+    tags={"lora_assets/kind": "datasets", ECS_RUN_TASK_TAG: CPU_RUN_TASK},
 )
 def dataset_batch_job() -> None:
     rebuild_datasets()
@@ -273,7 +280,8 @@ def dataset_batch_job() -> None:
     name=ADAPTER_BATCH_JOB,
     description="Trains, gates and publishes a batch of users' adapters on one base model "
     "(launched by adapter_retrain_sensor and lora-assets backfill).",
-    tags={"lora_assets/kind": "adapters", TRAINING_TAG: "true", K8S_CONFIG_TAG: TRAINING_POD},
+    tags={"lora_assets/kind": "adapters", TRAINING_TAG: "true", K8S_CONFIG_TAG: TRAINING_POD,
+          ECS_RUN_TASK_TAG: GPU_RUN_TASK},
 )
 def adapter_batch_job() -> None:
     train_adapter_batch()
