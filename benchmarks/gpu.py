@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=None, help="users of the batch run (default 256)")
     parser.add_argument("--fuse", type=int, default=16, help="fused group size of the batch run (deploy/ default)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: torch sees no CUDA device here; run with --device cpu --quick", file=sys.stderr)
+        return 2
     key = args.base_model or ("tiny-llama" if args.quick else "smollm2-135m")
     ks = args.ks or ([1, 4] if args.quick else [1, 4, 16, 64])
     steps = args.steps or (2 if args.quick else 10)
