@@ -90,13 +90,11 @@ def main() -> int:
     return 0
 
 
-def _mail_jobs(n: int, steps: int, out: Path, mails: int | None = None):
+def _mail_jobs(n: int, steps: int, out: Path):
     jobs = []
     for i in range(n):
         user = f"user-{i:03d}"
         tables = generate_user(user)
-        if mails is not None:
-            tables = {**tables, "mail": tables["mail"].slice(0, mails)}
         jobs.append(job_for(MAIL, user, build_examples(MAIL, tables), out / user, steps=steps))
     return jobs
 

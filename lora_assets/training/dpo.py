@@ -25,6 +25,7 @@ from lora_assets.training.text import (
     Example,
     collate,
     supervised_logits,
+    supervised_rows,
     to_device,
     tokenize_example,
 )
@@ -61,8 +62,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log-probabilities of each row's response tokens (LM head on those positions only)."""
     logits, targets, keep = supervised_logits(model, batch)
     token_logps = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
-    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    return torch.zeros(keep.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(keep.shape[0], device=logits.device).index_add(0, supervised_rows(keep), token_logps)
 
 
 def dpo_loss(

@@ -121,6 +121,11 @@ def supervised_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return logits, targets[keep], keep
 
 
+def supervised_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The batch row of each supervised position ``supervised_logits`` returned, in its order."""
+    return torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+
+
 def response_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy on supervised positions only."""
     logits, targets, _keep = supervised_logits(model, batch)
@@ -131,8 +136,7 @@ def response_loss_per_block(model, batch: dict[str, torch.Tensor], blocks: int) 
     """Mean response loss of each of ``blocks`` equally tall row blocks of ``batch``: what
     ``response_loss`` gives each block alone, from one forward pass over all of them."""
     logits, targets, keep = supervised_logits(model, batch)
-    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    block = rows // (keep.shape[0] // blocks)
+    block = supervised_rows(keep) // (keep.shape[0] // blocks)
     token_loss = F.cross_entropy(logits, targets, reduction="none")
     sums = torch.zeros(blocks, device=logits.device).index_add(0, block, token_loss)
     counts = torch.zeros(blocks, device=logits.device).index_add(0, block, torch.ones_like(token_loss))
