@@ -36,7 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for user in users:
         if not store.head(user, "mail"):
             write_user(store, user, generate_user(user))
-    register_users(instance, users)
+    register_users(settings, users)
     t0 = time.perf_counter()
     print(f"preparing base model {args.base_model} ...", flush=True)
     resolve_base_model(args.base_model, settings.home)  # one-off GGUF conversion happens here
@@ -47,22 +47,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_dataset_batch(instance, {u: sources for u in users}, resources)
     print(f"run adapter_batch: {len(users) * len(modes)} adapters on {args.base_model}", flush=True)
     result = run_adapter_batch(instance, args.base_model, [(u, m.name) for u in users for m in modes], resources)
-    events = {(m.asset_key.to_user_string(), m.partition): m for m in _materializations(instance, result.run_id)}
+    state = settings.state()
     rows = []
-    for user in users:
-        partition = f"{args.base_model}|{user}"
-        for mode in modes:
-            mat = events.get((f"{mode.name}/adapter", partition))
-            if mat is None:
-                rows.append([user, mode.name, args.base_model, "-", "-", "-", "-", "training failed"])
+    for mode in modes:
+        found = state.rows(mode.name, args.base_model, users)
+        for user in users:
+            row = found.get(user) or {}
+            if row.get("run_id") != result.run_id or row.get("adapter_version") is None:
+                rows.append([user, mode.name, args.base_model, "-", "-", "-", "-", row.get("error") or "not trained"])
                 continue
-            meta = {k: v.value for k, v in mat.metadata.items()}
-            published = events.get((f"{mode.name}/published", partition))
-            status = published.metadata["version"].value if published else "gate failed"
+            meta = state.training(args.base_model, user, mode.name) or {}
+            published = row["published_version"] if row["reason"] == "fresh" else "gate failed"
             rows.append([
-                user, mode.name, meta["base_model"], f"{meta['base_eval_loss']:.3f}", f"{meta['adapter_eval_loss']:.3f}",
-                *_timing_cells(meta), status,
+                user, mode.name, args.base_model, f"{row['base_eval_loss']:.3f}", f"{row['adapter_eval_loss']:.3f}",
+                *_timing_cells(meta), published,
             ])
+    rows.sort(key=lambda r: (r[0], r[1]))
     _print_table(
         ["user", "mode", "base model", "base loss", "adapter loss", "seconds", "tok/s", "published"], rows
     )
@@ -78,14 +78,6 @@ def _timing_cells(meta: dict) -> list[str]:
     if "group_seconds" in meta:
         return [f"{meta['group_seconds']:.1f} (group of {meta['fused_with']})", f"{meta['group_tokens_per_second']:.0f}"]
     return [f"{meta['train_seconds']:.1f}", f"{meta['tokens_per_second']:.0f}"]
-
-
-def _materializations(instance, run_id: str) -> list:
-    """The asset materializations a run recorded (also those of a run that failed in part)."""
-    from dagster import DagsterEventType
-
-    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
-    return [r.event_log_entry.asset_materialization for r in records]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -229,89 +221,12 @@ def _cmd_base_model(args: argparse.Namespace) -> int:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from lora_assets.orchestration.instance import get_instance
     from lora_assets.orchestration.registry import request_backfill
+    from lora_assets.settings import Settings
 
-    backfill_id = request_backfill(get_instance(), args.base_model)
+    backfill_id = request_backfill(get_instance(), Settings.from_env(), args.base_model)
     print(f"backfill {backfill_id} requested: adapter_retrain_sensor plans it (only users and modes with "
           f"training data) into adapter_batch runs while the daemon runs (make ui). Watch it under Runs, "
           f"filtered by the tag lora_assets/backfill={backfill_id}.")
-    return 0
-
-
-def _cmd_feed(args: argparse.Namespace) -> int:
-    from lora_assets.settings import Settings
-
-    feed = Settings.from_env().feed()
-    print(f"pending events: {feed.pending_count()}")
-    for event_id, payload, error in feed.dead_letters():
-        print(f"dead letter {event_id}: {error}\n    payload: {payload[:200]}")
-    return 0
-
-
-def _cmd_forget(args: argparse.Namespace) -> int:
-    from lora_assets.orchestration.erasure import forget_user
-    from lora_assets.orchestration.instance import get_instance
-    from lora_assets.settings import Settings
-
-    report = forget_user(get_instance(), Settings.from_env(), args.user, wait_s=args.wait)
-    print(f"forgot user {report.user}:")
-    for kind, n in report.erased.counts.items():
-        print(f"  {n:>6}  {kind}")
-    if report.waited_for:
-        print(f"  waited for {len(report.waited_for)} run(s) in flight: {', '.join(report.waited_for)}"
-              + (f" (terminated: {', '.join(report.terminated)})" if report.terminated else ""))
-    if report.remaining:
-        print(f"error: still stored for {report.user}: {'; '.join(report.remaining[:10])}", file=sys.stderr)
-        return 1
-    print(f"nothing of {report.user} is left in the stores, the drive, the feed or the event log; "
-          "their later changes are dropped (see README: Privacy for what else to purge)")
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from lora_assets.data.user_store import validate_user_id
-    from lora_assets.modes import MODES
-    from lora_assets.orchestration.instance import get_instance
-    from lora_assets.orchestration.partitions import users_partitions
-    from lora_assets.orchestration.status import FRESH, status
-    from lora_assets.settings import Settings
-
-    instance = get_instance()
-    if args.user is not None:
-        validate_user_id(args.user)
-        if not instance.has_dynamic_partition(users_partitions.name, args.user):
-            print(f"error: user {args.user!r} is not registered (nothing ingested for them, or forgotten)", file=sys.stderr)
-            return 2
-    if args.mode is not None and args.mode not in MODES:
-        print(f"error: unknown mode {args.mode!r}; modes: {', '.join(MODES)}", file=sys.stderr)
-        return 2
-    report = status(instance, Settings.from_env().feed(), args.user, args.mode, args.base_model)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-        return 0
-
-    def when(ts: float | None) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) if ts else "-"
-
-    rows = []
-    for a in report.adapters:
-        gate = "-" if a.gate is None else (
-            f"{'pass' if a.gate.passed else 'FAIL'} {a.gate.base_eval_loss} -> {a.gate.adapter_eval_loss}")
-        published = f"{a.published_version} {when(a.published_at)}" if a.published_version else "-"
-        rows.append([a.base_model, a.user, a.mode, a.state, (a.dataset_version or "-")[:12],
-                     (a.trained_on or "-")[:12], published, gate, "" if a.state == FRESH else a.why])
-    if rows:
-        _print_table(["base model", "user", "mode", "state", "dataset", "trained on", "published (UTC)",
-                      "gate (base -> adapter loss)", "why"], rows)
-    for a in report.adapters:
-        if a.last_failure and a.state != FRESH:
-            f = a.last_failure
-            print(f"last failure for {a.user}: {f['job']} run {f['run_id']} at {when(f['at'])}: {f['error']}")
-            break
-    totals = ", ".join(f"{n} {state}" for state, n in report.totals().items() if n)
-    print(f"{len(report.adapters)} adapters: {totals or 'none'}; {report.live_runs} adapter runs in flight; "
-          f"change feed: {report.pending_events} pending events, {report.dead_letters} dead letters")
     return 0
 
 
@@ -333,6 +248,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lora_assets.cli_operations import _cmd_feed, _cmd_forget, _cmd_migrate, _cmd_prune, _cmd_status
     from lora_assets.training.base_models import DEFAULT_BASE_MODEL
 
     parser = argparse.ArgumentParser(prog="lora-assets", description=__doc__)
@@ -376,8 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--user", help="one user (fast: indexed reads, whatever the number of users)")
     st.add_argument("--mode", help="one mode")
     st.add_argument("--base-model", help="one base model (default: every active one)")
+    st.add_argument("--after", help="list users after this one (paging; the last line says where to go on)")
+    st.add_argument("--limit", type=int, default=50, help="users listed per mode and base model (default 50)")
+    st.add_argument("--state", help="list only these states, comma-separated (fresh,updating,stale,no_data,withdrawn)")
+    st.add_argument("--history", action="store_true", help="with --user: what happened to each adapter, newest first")
     st.add_argument("--json", action="store_true", help="machine-readable output (schema: README, Status)")
     st.set_defaults(func=_cmd_status)
+
+    mg = sub.add_parser("migrate", help="upgrade: fill the per-user state table from the event log (no retraining)")
+    mg.set_defaults(func=_cmd_migrate)
+
+    pr = sub.add_parser("prune", help="retention: drop old adapter history and (with --runs-older-than-days) old runs")
+    pr.add_argument("--runs-older-than-days", type=float, help="also delete finished Dagster runs older than this")
+    pr.set_defaults(func=_cmd_prune)
 
     fg = sub.add_parser("forget", help="erase a user everywhere (GDPR art. 17): data, adapters, drive, feed, Dagster records")
     fg.add_argument("--user", required=True)

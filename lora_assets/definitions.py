@@ -6,7 +6,7 @@ import warnings
 
 from dagster import BetaWarning, Definitions, in_process_executor
 
-# backfill_policy and MultiToSingleDimensionPartitionMapping are beta; we pin dagster exactly.
+# backfill_policy is beta; we pin dagster exactly.
 warnings.filterwarnings("ignore", category=BetaWarning)
 
 from lora_assets.orchestration.assets import all_assets  # noqa: E402

@@ -2,7 +2,7 @@
 
 The user store, the datasets, the user's drive (every version and pointer), the adapter working
 copies and published copies on this machine's data dir, and the change feed's pending events
-and dead letters that name the user. Other users' objects are never touched: every delete is
+and dead letters that name the user, and their rows of the per-user state table. Other users' objects are never touched: every delete is
 under the user's own prefix, or a feed entry whose payload names the user.
 """
 
@@ -53,6 +53,7 @@ def erase_user_data(settings: Settings, user: str, erased: Erased | None = None)
     pending, dead = settings.feed().forget(user)
     erased.add("pending change events", pending)
     erased.add("dead letters", dead)
+    erased.add("state table rows (datasets, adapters, history)", settings.state().forget(user))
     return erased
 
 
@@ -62,4 +63,6 @@ def remaining_user_data(settings: Settings, user: str) -> list[str]:
     for kind in ("adapters", "published"):
         root = settings.home / kind
         left.extend(str(p) for p in (root.glob(f"*/{user}") if root.is_dir() else ()))
+    if rows := settings.state().count_user_rows(user):
+        left.append(f"{rows} state table rows")
     return left

@@ -43,6 +43,8 @@ ENV_VARS: dict[str, str] = {
     "max_list_items": "LORA_ASSETS_MAX_LIST_ITEMS",
     "max_depth": "LORA_ASSETS_MAX_DEPTH",
     "staged_grace_s": "LORA_ASSETS_STAGED_GRACE_S",
+    "state_url": "LORA_ASSETS_STATE_URL",
+    "history_retention_days": "LORA_ASSETS_HISTORY_RETENTION_DAYS",
 }
 
 
@@ -74,6 +76,8 @@ class Settings:
     max_list_items: int = 64  # ingest: items of a list field (people, tags, attendees)
     max_depth: int = 3  # ingest: JSON nesting (record object, list, string)
     staged_grace_s: float = 60.0  # a change staged this long by an ingest that died is announced anyway
+    state_url: str = ""  # per-user state table (SQLAlchemy URL); empty: SQLite at <home>/state.sqlite
+    history_retention_days: float = 90.0  # per-adapter history rows older than this are pruned
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -164,11 +168,34 @@ class Settings:
 
         return ChangeFeed(self.home / "change_feed.sqlite", staged_grace_s=self.staged_grace_s)
 
+    def state(self):
+        """The per-user state table (``lora_assets.state``): ``LORA_ASSETS_STATE_URL``; else the
+        Dagster instance's Postgres where ``DAGSTER_PG_HOST`` is set (the ECS and K8s configs);
+        else SQLite in the data dir (the embedded default)."""
+        from lora_assets.state import open_state
+
+        return open_state(self.state_url or _dagster_postgres_url() or f"sqlite:///{self.home / 'state.sqlite'}")
+
     def limits(self):
         """What ingest accepts (``lora_assets.data.schemas.Limits``)."""
         from lora_assets.data.schemas import Limits
 
         return Limits(self.max_record_bytes, self.max_field_chars, self.max_list_items, self.max_depth)
+
+
+def _dagster_postgres_url() -> str:
+    """The Postgres the deploy configs give Dagster (``DAGSTER_PG_*``), as a SQLAlchemy URL."""
+    from urllib.parse import quote
+
+    env = os.environ
+    if not env.get("DAGSTER_PG_HOST"):
+        return ""
+    auth = quote(env.get("DAGSTER_PG_USERNAME", "postgres"), safe="")
+    if env.get("DAGSTER_PG_PASSWORD"):
+        auth += ":" + quote(env["DAGSTER_PG_PASSWORD"], safe="")
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; dagster-postgres ships psycopg2.
+    return (f"postgresql+psycopg2://{auth}@{env['DAGSTER_PG_HOST']}:{env.get('DAGSTER_PG_PORT', '5432')}"
+            f"/{env.get('DAGSTER_PG_DB', 'dagster')}")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -72,55 +72,69 @@ def dagster_env(tmp_path, home, tiny_base, synthetic_tables):
     for user, tables in synthetic_tables.items():
         write_user(store, user, tables)
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("users", list(synthetic_tables))
+        LoraAssetsHome(home=str(data)).state().register(list(synthetic_tables))
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         yield instance, data, store
 
 
-def _run(instance: DagsterInstance, data: Path, keys: list[AssetKey], partition: str, **kw):
+def _run(instance: DagsterInstance, data: Path, keys: list[AssetKey], partition: str | None = None, **kw):
     return materialize(
         all_assets(),
         selection=keys,
         partition_key=partition,
         instance=instance,
-        resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=8)},
+        resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=kw.pop("steps", 8),
+                                               gate_margin=kw.pop("margin", 0.01))},
+        raise_on_error=False,
         **kw,
     )
 
 
+def _meta(materialization) -> dict:
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
 def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_env):
+    """Materializing from the UI brings every user up to date, recorded as one summary per asset."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     instance, data, _ = dagster_env
     upstream = [source_key("mail"), source_key("contacts"), dataset_key("mail_reply")]
-    assert _run(instance, data, upstream, "user-000").success
-    result = _run(instance, data, [adapter_key("mail_reply")], "tiny-llama|user-000")
-    assert result.success
-
-    adapter = data / "adapters" / "tiny-llama" / "user-000" / "mail_reply"
-    base = AutoModelForCausalLM.from_pretrained(data / "base_models" / "tiny-llama")
-    model = PeftModel.from_pretrained(base, str(adapter))
-    with torch.no_grad():
-        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == base.config.vocab_size
-
-    adapter_mat, published_mat = result.asset_materializations_for_node("mail_reply__adapter")
-    assert published_mat.asset_key == AssetKey(["mail_reply", "published"])  # it published itself
-    mat = adapter_mat
-    meta = {k: v.value for k, v in mat.metadata.items()}
-    assert mat.partition == "tiny-llama|user-000"
-    assert meta["base_model"] == "tiny-llama"
-    assert meta["adapter_eval_loss"] < meta["base_eval_loss"]
-    assert meta["steps"] == 8 and meta["size_bytes"] > 0
-    assert "training loss" in meta["loss_curve"]
-    record = instance.get_latest_materialization_event(adapter_key("mail_reply"))
-    assert record.asset_materialization.tags["dagster/data_version"] == meta["sha256"]
-
+    assert _run(instance, data, upstream).success
     dataset_mat = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization
-    dmeta = {k: v.value for k, v in dataset_mat.metadata.items()}
-    assert dmeta["rows"] == dmeta["train_rows"] + dmeta["eval_rows"] > 0
-    assert dmeta["build"] == "full"
-    assert dataset_mat.tags["dagster/data_version"] == dmeta["content_hash"]
+    dmeta = _meta(dataset_mat)
+    assert dmeta["users"] == dmeta["full"] == 2 and dmeta["train_rows"] > 0
+    assert dataset_mat.tags["dagster/data_version"] == dmeta["versions_digest"]
+
+    result = _run(instance, data, [adapter_key("mail_reply")], "tiny-llama")
+    assert result.success
+    state = LoraAssetsHome(home=str(data)).state()
+    rows = state.rows("mail_reply", "tiny-llama", ["user-000", "user-001"])
+    assert {r["reason"] for r in rows.values()} == {"fresh"}, "trained, gated and published, both users"
+    for user, row in rows.items():
+        adapter = data / "adapters" / "tiny-llama" / user / "mail_reply"
+        base = AutoModelForCausalLM.from_pretrained(data / "base_models" / "tiny-llama")
+        model = PeftModel.from_pretrained(base, str(adapter))
+        with torch.no_grad():
+            assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == base.config.vocab_size
+        assert row["adapter_eval_loss"] < row["base_eval_loss"] and row["steps"] == 8
+        assert state.training("tiny-llama", user, "mail_reply")["size_bytes"] > 0
+
+    mats = {m.asset_key: m for m in result.asset_materializations_for_node("mail_reply__adapter")}
+    adapter_mat, published_mat = mats[adapter_key("mail_reply")], mats[AssetKey(["mail_reply", "published"])]  # it published itself
+    assert adapter_mat.partition == published_mat.partition == "tiny-llama"
+    meta = _meta(adapter_mat)
+    assert (meta["users"], meta["trained"], meta["steps"]) == (2, 2, 16)
+    assert meta["mean_eval_loss_improvement"] > 0
+    assert _meta(published_mat)["published"] == 2
+    (verdict,) = result.get_asset_check_evaluations()
+    assert verdict.passed and verdict.partition == "tiny-llama" and verdict.metadata["passed"].value == 2
+
+    again = _run(instance, data, [adapter_key("mail_reply")], "tiny-llama")  # nothing is stale: nothing trains
+    (mat,) = again.asset_materializations_for_node("mail_reply__adapter")
+    assert _meta(mat)["users"] == 0
+    assert state.rows("mail_reply", "tiny-llama", ["user-000", "user-001"]) == rows
 
 
 def test_a_stored_record_no_mode_can_use_is_skipped_and_reported(dagster_env):
@@ -137,88 +151,74 @@ def test_a_stored_record_no_mode_can_use_is_skipped_and_reported(dagster_env):
     store.write("user-001", "mail", bad)
     keys = [source_key("mail"), source_key("contacts"), dataset_key("mail_reply")]
 
-    result = _run(instance, data, keys, "user-001")
-    assert result.success
-    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
-    assert meta["skipped_records"].value == 1 and meta["skipped_ids"].value == "mail-broken-1"
-    assert meta["train_rows"].value > 0
+    def built():
+        result = _run(instance, data, keys)
+        assert result.success
+        warnings = [e.message for e in instance.all_logs(result.run_id) if "skipped" in (e.user_message or "")]
+        return _meta(instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization), warnings
+
+    meta, warnings = built()
+    assert meta["skipped_records"] == 1 and meta["train_rows"] > 0
+    assert any("mail_reply/user-001: skipped 1 unusable record(s): mail-broken-1" in w for w in warnings)
     # ... and stays reported on later, incremental builds, until the record is fixed or deleted.
     store.write("user-001", "mail", deletes=["mail-00001"])
-    assert _run(instance, data, keys, "user-001").success
-    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
-    assert meta["build"].value == "incremental" and meta["skipped_ids"].value == "mail-broken-1"
+    meta, _ = built()
+    assert meta["incremental"] == 2 and meta["skipped_records"] == 1  # both users: from the change log
     store.write("user-001", "mail", deletes=["mail-broken-1"])
-    assert _run(instance, data, keys, "user-001").success
-    meta = instance.get_latest_materialization_event(dataset_key("mail_reply")).asset_materialization.metadata
-    assert meta["skipped_records"].value == 0
+    meta, _ = built()
+    assert meta["skipped_records"] == 0
 
 
 def test_an_adapter_materialized_alone_publishes_itself_once_its_gate_passes(dagster_env):
     """An adapter-only backfill or "Materialize" from the UI: devices get the adapter without a
-    second action, the verdict is linked to its materialization, and a failed gate publishes nothing."""
+    second action, a failed gate publishes nothing, and a later materialization retrains it."""
     from lora_assets.drive.publish import read_current
-    from lora_assets.orchestration.assets import published_key
-    from lora_assets.orchestration.recording import latest_materialization
 
     instance, data, _ = dagster_env
-    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], "user-000").success
-    partition, drive = "tiny-llama|user-000", LoraAssetsHome(home=str(data)).drive()
+    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")]).success
+    drive, state = LoraAssetsHome(home=str(data)).drive(), LoraAssetsHome(home=str(data)).state()
 
-    def adapter_only(margin: float):
-        return materialize(
-            all_assets(), selection=[adapter_key("search_suggest")], partition_key=partition, instance=instance,
-            resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4, gate_margin=margin)},
-            raise_on_error=False,
-        )
-
-    failed = adapter_only(margin=100.0)
+    failed = _run(instance, data, [adapter_key("search_suggest")], "tiny-llama", steps=4, margin=100.0)
     (verdict,) = failed.get_asset_check_evaluations()
-    assert not verdict.passed and read_current(drive, "user-000", "tiny-llama", "search_suggest") is None
-    assert latest_materialization(instance, published_key("search_suggest"), partition) is None
+    assert not verdict.passed and verdict.metadata["failed"].value == 2
+    assert verdict.severity.value == "WARN"
+    assert read_current(drive, "user-000", "tiny-llama", "search_suggest") is None
+    row = state.rows("search_suggest", "tiny-llama", ["user-000"])["user-000"]
+    assert row["reason"] == "gate_failed" and "does not beat base" in row["gate_reason"]
 
-    passed = adapter_only(margin=0.0)
+    passed = _run(instance, data, [adapter_key("search_suggest")], "tiny-llama", steps=4, margin=0.0)
     (verdict,) = passed.get_asset_check_evaluations()
-    adapter = latest_materialization(instance, adapter_key("search_suggest"), partition)
-    assert verdict.passed and verdict.partition == partition
-    assert verdict.target_materialization_data.storage_id == adapter.storage_id
-    published = latest_materialization(instance, published_key("search_suggest"), partition)
-    assert published is not None and published.run_id == passed.run_id
-    pointer, _ = read_current(drive, "user-000", "tiny-llama", "search_suggest")
-    assert pointer["version"] == published.asset_materialization.metadata["version"].value
+    assert verdict.passed and verdict.metadata["passed"].value == 2
+    for user in ("user-000", "user-001"):
+        row = state.rows("search_suggest", "tiny-llama", [user])[user]
+        pointer, _ = read_current(drive, user, "tiny-llama", "search_suggest")
+        assert row["reason"] == "fresh" and pointer["version"] == row["published_version"]
+        assert [h["event"] for h in state.history(user, "search_suggest")][:3] == ["published", "trained", "gate_failed"]
 
 
-def test_eval_gate_blocks_publication_and_shows_as_a_failed_check(dagster_env):
+def test_eval_gate_failures_publish_nothing_and_the_published_step_publishes_what_passed(dagster_env):
     from lora_assets.drive.publish import read_current
     from lora_assets.orchestration.assets import published_key
 
     instance, data, _ = dagster_env
-    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")], "user-000").success
+    assert _run(instance, data, [source_key("browsing"), dataset_key("search_suggest")]).success
     keys = [adapter_key("search_suggest"), published_key("search_suggest")]
-
-    def run(margin: float):
-        return materialize(
-            all_assets(), selection=keys, partition_key="tiny-llama|user-000", instance=instance,
-            resources={"lora_home": LoraAssetsHome(home=str(data), train_steps=4, gate_margin=margin)},
-            raise_on_error=False,
-        )
-
-    blocked = run(margin=100.0)  # no adapter beats the base by 100 nats
-    (evaluation,) = blocked.get_asset_check_evaluations()
-    assert not evaluation.passed and evaluation.partition == "tiny-llama|user-000"
-    assert "does not beat base" in evaluation.metadata["reason"].value
-    assert evaluation.metadata["adapter_eval_loss"].value < evaluation.metadata["base_eval_loss"].value
-    assert not blocked.asset_materializations_for_node("search_suggest__published")
     drive = LoraAssetsHome(home=str(data)).drive()
+
+    blocked = _run(instance, data, keys, "tiny-llama", steps=4, margin=100.0)  # no adapter beats the base by 100 nats
+    (evaluation,) = blocked.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.partition == "tiny-llama"
+    (published,) = blocked.asset_materializations_for_node("search_suggest__published")
+    assert _meta(published)["users"] == 0
     assert read_current(drive, "user-000", "tiny-llama", "search_suggest") is None
 
-    passed = run(margin=0.01)
+    passed = _run(instance, data, keys, "tiny-llama", steps=4, margin=0.01)
     (evaluation,) = passed.get_asset_check_evaluations()
     assert evaluation.passed
+    adapter, = passed.asset_materializations_for_node("search_suggest__adapter")
+    assert "published" not in _meta(adapter)  # the published step publishes, once
     (published,) = passed.asset_materializations_for_node("search_suggest__published")
+    assert _meta(published)["published"] == 2
     pointer, _ = read_current(drive, "user-000", "tiny-llama", "search_suggest")
-    assert pointer["version"] == published.metadata["version"].value
-
-    # The same adapter again is not a regression: the gate compares against the published one.
-    again = run(margin=0.01)
-    (evaluation,) = again.get_asset_check_evaluations()
-    assert evaluation.passed and evaluation.metadata["published_version"].value == pointer["version"]
+    assert pointer["version"] == LoraAssetsHome(home=str(data)).state().rows(
+        "search_suggest", "tiny-llama", ["user-000"])["user-000"]["published_version"]

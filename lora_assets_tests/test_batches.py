@@ -1,23 +1,16 @@
-"""Batch runs: many users in one run, each partition recorded as a one-partition run records it."""
+"""Batch runs: many users in one run; each user's outcome in the state table, one summary event
+per asset in Dagster, and one user's failure only that user's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from dagster import (
-    AssetCheckKey,
-    AssetKey,
-    AssetRecordsFilter,
-    DagsterEventType,
-    instance_for_test,
-    partition_loading_context,
-)
-from dagster._core.storage.event_log.base import PartitionKeyFilter
-from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+from dagster import AssetCheckKey, DagsterEventType, instance_for_test
 
 from lora_assets.data.user_store import write_user
 from lora_assets.drive.publish import read_current
-from lora_assets.orchestration.assets import adapter_key, dataset_key, published_key
-from lora_assets.orchestration.partitions import adapter_partitions
+from lora_assets.orchestration.keys import adapter_key, published_key
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
 
@@ -33,88 +26,72 @@ def batch_env(tmp_path, home, tiny_base, synthetic_tables):
     write_user(store, "good", synthetic_tables["user-000"])
     write_user(store, "regress", synthetic_tables["user-001"])
     with instance_for_test() as instance:
-        register_users(instance, list(USERS))
+        register_users(res.settings(), list(USERS))
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         assert run_dataset_batch(instance, {u: ["browsing"] for u in ("good", "regress")}, res).success
         yield instance, res
 
 
-def _partition_status(instance, key: AssetKey) -> tuple[set[str], set[str]]:
-    """(materialized, failed) partitions, as the UI's partition view computes them."""
-    with partition_loading_context(dynamic_partitions_store=instance):
-        cache = get_and_update_asset_status_cache_value(instance, key, adapter_partitions)
-        return (set(cache.deserialize_materialized_partition_subsets(adapter_partitions).get_partition_keys()),
-                set(cache.deserialize_failed_partition_subsets(adapter_partitions).get_partition_keys()))
+def run_events(instance, run_id: str, kind: DagsterEventType) -> list:
+    return [r.event_log_entry for r in instance.get_records_for_run(run_id, of_type=kind).records]
 
 
-def test_a_bad_user_and_a_failed_gate_fail_only_their_own_partitions(batch_env):
+def test_a_bad_user_and_a_failed_gate_fail_only_their_own_rows(batch_env):
     instance, res = batch_env
     # "regress" already has a well-trained published adapter: a 3-step retrain regresses against it.
     strong = LoraAssetsHome(home=res.home, train_steps=60, gate_margin=0.0)
     assert run_adapter_batch(instance, "tiny-llama", [("regress", "search_suggest")], strong).success
+    published_before = read_current(res.drive(), "regress", "tiny-llama", "search_suggest")[0]["version"]
     res.store().write("regress", "browsing", deletes=["visit-00000"])  # new data: a retrain is due
     assert run_dataset_batch(instance, {"regress": ["browsing"]}, res).success
 
     result = run_adapter_batch(instance, "tiny-llama", [(u, "search_suggest") for u in USERS], res)
 
-    assert not result.success  # the run fails, naming both partitions ...
+    assert not result.success  # the run fails, naming both ...
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "search_suggest|tiny-llama|nodata" in failure.description
     assert "search_suggest|tiny-llama|regress" in failure.description
     # ... while the good user's adapter is trained, passes its gate and is published.
     drive = res.drive()
     assert read_current(drive, "good", "tiny-llama", "search_suggest") is not None
-    mats = {
-        (r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition)
-        for r in instance.get_records_for_run(result.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
-    }
-    assert mats == {("search_suggest/adapter", "tiny-llama|good"), ("search_suggest/published", "tiny-llama|good"),
-                    ("search_suggest/adapter", "tiny-llama|regress")}
-    materialized, failed = _partition_status(instance, published_key("search_suggest"))
-    assert "tiny-llama|good" in materialized
-    assert failed == {"tiny-llama|nodata", "tiny-llama|regress"}
-    materialized, failed = _partition_status(instance, adapter_key("search_suggest"))
-    assert {"tiny-llama|good", "tiny-llama|regress"} <= materialized and failed == {"tiny-llama|nodata"}
+    assert read_current(drive, "regress", "tiny-llama", "search_suggest")[0]["version"] == published_before
+    rows = res.state().rows("search_suggest", "tiny-llama", list(USERS))
+    assert rows["good"]["reason"] == "fresh"
+    assert rows["regress"]["reason"] == "gate_failed" and rows["regress"]["error"].startswith("eval gate failed")
+    assert "nodata" not in rows  # no dataset at all ...
+    (failed,) = [h for h in res.state().history("nodata") if h["event"] == "failed"]
+    assert failed["run_id"] == result.run_id and "not trained" in failed["detail"]["error"]  # ... and said why
 
-    # Each partition has its own gate verdict, linked to the materialization it judged.
-    history = {
-        p: instance.event_log_storage.get_asset_check_execution_history(
-            AssetCheckKey(adapter_key("search_suggest"), "eval_gate"), limit=1, partition_filter=PartitionKeyFilter(key=p)
-        )[0]
-        for p in ("tiny-llama|good", "tiny-llama|regress")
-    }
-    assert history["tiny-llama|good"].status.value == "SUCCEEDED"
-    assert history["tiny-llama|regress"].status.value == "FAILED"
-    for partition, record in history.items():
-        latest = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=adapter_key("search_suggest"), asset_partitions=[partition]),
-            limit=1,
-        ).records[0]
-        evaluation = record.event.dagster_event.event_specific_data
-        assert evaluation.target_materialization_data.storage_id == latest.storage_id
-        assert evaluation.partition == partition
-
-
-def test_a_batch_records_data_versions_like_a_one_partition_run(batch_env):
-    instance, res = batch_env
-    assert run_adapter_batch(instance, "tiny-llama", [("good", "search_suggest")], res).success
-    adapter = instance.get_latest_materialization_event(adapter_key("search_suggest")).asset_materialization
-    dataset = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=dataset_key("search_suggest"), asset_partitions=["good"]), limit=1
-    ).records[0]
-    assert adapter.tags["dagster/data_version"] == adapter.metadata["sha256"].value
-    assert adapter.tags["dagster/input_data_version/search_suggest/dataset"] == dataset.asset_materialization.tags["dagster/data_version"]
-    assert adapter.tags["dagster/input_event_pointer/search_suggest/dataset"] == str(dataset.storage_id)
-    assert adapter.metadata["dataset_version"].value == dataset.asset_materialization.tags["dagster/data_version"]
+    # Dagster holds one summary per asset for the run, counting, and naming nobody.
+    mats = {e.dagster_event.asset_key.to_user_string(): e.asset_materialization
+            for e in run_events(instance, result.run_id, DagsterEventType.ASSET_MATERIALIZATION)}
+    assert set(mats) == {"search_suggest/adapter", "search_suggest/published"}
+    adapter = {k: v.value for k, v in mats["search_suggest/adapter"].metadata.items()}
+    assert (adapter["users"], adapter["trained"], adapter["gate_failed"], adapter["not_trained"]) == (3, 1, 1, 1)
+    assert mats["search_suggest/adapter"].partition == "tiny-llama"
+    assert mats["search_suggest/published"].metadata["published"].value == 1
+    (check,) = run_events(instance, result.run_id, DagsterEventType.ASSET_CHECK_EVALUATION)
+    evaluation = check.dagster_event.event_specific_data
+    assert not evaluation.passed and evaluation.partition == "tiny-llama"
+    assert (evaluation.metadata["passed"].value, evaluation.metadata["failed"].value) == (1, 1)
+    latest = instance.event_log_storage.get_asset_check_execution_history(
+        AssetCheckKey(adapter_key("search_suggest"), "eval_gate"), limit=1)[0]
+    assert latest.status.value == "FAILED"
+    events = json.dumps([str(e) for e in instance.all_logs(result.run_id)
+                         if e.dagster_event is not None and e.dagster_event.event_type_value.startswith("ASSET")])
+    assert not any(u in events for u in USERS), "no user id in the run's asset events"
 
 
 def test_a_retried_batch_does_not_retrain_what_is_already_published(batch_env):
     instance, res = batch_env
     items = [("good", "search_suggest"), ("regress", "search_suggest")]
     assert run_adapter_batch(instance, "tiny-llama", items, res).success
-    before = instance.fetch_materializations(adapter_key("search_suggest"), limit=100).records
+    before = res.state().rows("search_suggest", "tiny-llama", ["good", "regress"])
+    assert {r["reason"] for r in before.values()} == {"fresh"}
     again = run_adapter_batch(instance, "tiny-llama", items, res)  # e.g. the daemon's retry of a run that died late
     assert again.success
-    assert instance.fetch_materializations(adapter_key("search_suggest"), limit=100).records == before
-    planned = instance.get_records_for_run(again.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION_PLANNED).records
+    assert res.state().rows("search_suggest", "tiny-llama", ["good", "regress"]) == before
+    assert not run_events(instance, again.run_id, DagsterEventType.ASSET_MATERIALIZATION)
+    planned = run_events(instance, again.run_id, DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
     assert not planned, "nothing left to do is not announced as in progress"
+    assert instance.fetch_materializations(published_key("search_suggest"), limit=10).records

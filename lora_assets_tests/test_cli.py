@@ -41,7 +41,9 @@ def test_demo_trains_through_dagster_and_generate_uses_the_adapter(cli_env):
     instance = DagsterInstance.get()
     runs = instance.get_run_records(RunsFilter(tags={"lora_assets/launched_by": "cli"}))
     assert len(runs) == 2 and all(r.dagster_run.is_success for r in runs)
-    assert instance.get_dynamic_partitions("users") == ["user-000"]
+    from lora_assets.state import open_state
+
+    assert open_state(f"sqlite:///{cli_env['LORA_ASSETS_HOME']}/state.sqlite").user_page(None, 10) == ["user-000"]
 
     out = lora_assets(
         "generate", "--user", "user-000", "--mode", "search_suggest", "--base-model", "tiny-llama",
@@ -116,6 +118,7 @@ def test_base_model_add_list_retire_and_backfill(in_process, cli_env, tmp_path, 
 
     from lora_assets.orchestration.registry import backfill_requests
     from lora_assets.orchestration.runs import register_users
+    from lora_assets.settings import Settings
 
     assert in_process("backfill", "--base-model", "tiny-llama") == 2
     assert "not registered" in capsys.readouterr().err
@@ -123,7 +126,7 @@ def test_base_model_add_list_retire_and_backfill(in_process, cli_env, tmp_path, 
     assert in_process("base-model", "add", "tiny-llama") == 0
     assert "registered" in capsys.readouterr().out
     instance = DagsterInstance.get()
-    register_users(instance, ["alice", "bob"])
+    register_users(Settings.from_env(), ["alice", "bob"])
     assert in_process("backfill", "--base-model", "tiny-llama") == 0
     out = capsys.readouterr().out
     ((backfill_id, request),) = backfill_requests(instance).items()

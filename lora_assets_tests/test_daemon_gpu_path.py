@@ -39,24 +39,20 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
     logs = [e.message for e in daemon.instance.all_logs(run.run_id)]
     assert any("cpu bfloat16, batched training" in m for m in logs), "the run trained in bf16, batched"
 
-    events = [(r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition,
-               r.event_log_entry.dagster_event.materialization.metadata)
-              for r in daemon.instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records]
-    # The run's event log in order: the small user's adapter is published while the large
-    # user's training is still logging steps.
+    # The run's log in order: the small user's adapter is published while the large user's
+    # training is still logging steps.
     log = daemon.instance.all_logs(run.run_id)
-    small_published = next(i for i, e in enumerate(log) if e.dagster_event and e.dagster_event.is_step_materialization
-                           and e.dagster_event.asset_key.to_user_string() == "mail_reply/published"
-                           and e.dagster_event.partition == "tiny-llama|small")
+    small_published = next(i for i, e in enumerate(log) if e.user_message.startswith("[tiny-llama|small/mail_reply] published"))
     large_steps = [i for i, e in enumerate(log) if e.user_message.startswith("[large/mail_reply] step")]
     assert large_steps and large_steps[-1] > small_published, "the small user waited for the large user's training"
 
-    adapters = {partition: meta for key, partition, meta in events if key == "mail_reply/adapter"}
-    for partition, meta in adapters.items():
-        assert meta["fused_with"].value == 2 and "train_seconds" not in meta, "a fused adapter has no time of its own"
-        assert meta["adapter_eval_loss"].value < meta["base_eval_loss"].value, partition
-    assert adapters["tiny-llama|small"]["steps"].value < adapters["tiny-llama|large"]["steps"].value
-    assert adapters["tiny-llama|small"]["group_seconds"].value < adapters["tiny-llama|large"]["group_seconds"].value
+    state = daemon.settings.state()
+    adapters = {user: state.training("tiny-llama", user, "mail_reply") for user in ("small", "large")}
+    for user, meta in adapters.items():
+        assert meta["fused_with"] == 2 and "train_seconds" not in meta, "a fused adapter has no time of its own"
+        assert meta["adapter_eval_loss"] < meta["base_eval_loss"], user
+    assert adapters["small"]["steps"] < adapters["large"]["steps"]
+    assert adapters["small"]["group_seconds"] < adapters["large"]["group_seconds"]
 
     # A device gets both, and the safetensors-only loader puts each on a bf16 base.
     base = load_base_model("tiny-llama", daemon.data, device="cpu", dtype="bf16")

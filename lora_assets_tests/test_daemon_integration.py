@@ -47,9 +47,9 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
             daemon.ingest(user, source, table.to_pylist())
     daemon.start()
 
-    # Seeding: every user becomes a partition, gets every dataset, and every adapter once.
+    # Seeding: every user is registered, gets every dataset, and every adapter once.
     seeded = daemon.settle()
-    assert sorted(daemon.instance.get_dynamic_partitions("users")) == list(USERS)
+    assert daemon.settings.state().user_page(None, 100) == list(USERS)
     # ... in batches: one run rebuilds both users' datasets, one run trains their 10 adapters.
     assert sorted(r.job_name for r in seeded) == ["adapter_batch", "dataset_batch"]
     assert set(dataset_runs(seeded)) == set(USERS)
@@ -101,16 +101,14 @@ def test_changes_retrain_exactly_the_affected_adapters(daemon, synthetic_tables,
     register_base_model("tiny-b", tmp_path / "tiny-b", daemon.data)
     register_base_model_partition(daemon.instance, "tiny-b")
     before = daemon.runs()
-    backfill_id = request_backfill(daemon.instance, "tiny-b")
+    backfill_id = request_backfill(daemon.instance, daemon.settings, "tiny-b")
     runs = daemon.new_runs(before)
     assert runs and all(r.tags.get("lora_assets/backfill") == backfill_id for r in runs)
     assert adapter_runs(runs) == {f"tiny-b|{u}": ALL_ADAPTERS for u in USERS}
     for mode in MODES:
         for user in USERS:
-            records = daemon.instance.fetch_materializations(
-                AssetKey([mode, "adapter"]), limit=100
-            ).records
-            assert sum(r.partition_key == f"tiny-b|{user}" for r in records) == 1, (mode, user)
+            history = daemon.settings.state().history(user, mode, "tiny-b")
+            assert [h["event"] for h in history] == ["published", "trained"], (mode, user)
             assert (daemon.data / "adapters" / "tiny-b" / user / mode / "adapter_model.safetensors").exists()
 
     # Changes now retrain on every active base model; a retired one is left alone.
@@ -231,13 +229,13 @@ def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_l
 
     leftovers = [p for p in daemon.data.rglob("*") if user in p.parts]
     assert leftovers == [] and daemon.settings.drive().list(user) == []
-    assert user not in daemon.instance.get_dynamic_partitions("users")
+    assert not daemon.settings.state().is_registered(user) and daemon.settings.state().count_user_rows(user) == 0
     assert all(r.run_id != in_flight.run_id for r in daemon.runs()), "a run of this user alone is deleted"
     for run in daemon.runs():
         assert user not in run.tags.get("lora_assets/users", "").split(","), run.run_id
     for asset in (AssetKey(["mail_reply", "dataset"]), AssetKey(["mail_reply", "adapter"])):
-        partitions = {r.partition_key for r in daemon.instance.fetch_materializations(asset, limit=1000).records}
-        assert not any(p and p.endswith(user) for p in partitions), asset
+        for record in daemon.instance.fetch_materializations(asset, limit=1000).records:
+            assert user not in repr(record.asset_materialization), asset  # summaries name nobody
     assert {k: daemon.settings.drive().get(k) for k in daemon.settings.drive().list(other)} == other_drive
 
     # A producer that still sends the user's data: dropped, erased, never trained on.

@@ -123,15 +123,16 @@ def test_tone_rewrite_trains_and_publishes_through_dagster(home, tiny_base, synt
     UserStore(tmp_path / "users").write("user-000", "feedback", synthetic_tables["user-000"]["feedback"])
     res = LoraAssetsHome(home=str(tmp_path), train_steps=10, gate_margin=0.0)
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("users", ["user-000"])
+        res.state().register(["user-000"])
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         assert materialize(all_assets(), selection=[source_key("feedback"), dataset_key("tone_rewrite")],
-                           partition_key="user-000", instance=instance, resources={"lora_home": res}).success
+                           instance=instance, resources={"lora_home": res}).success
         result = materialize(all_assets(), selection=[adapter_key("tone_rewrite"), published_key("tone_rewrite")],
-                             partition_key="tiny-llama|user-000", instance=instance, resources={"lora_home": res})
+                             partition_key="tiny-llama", instance=instance, resources={"lora_home": res})
         assert result.success
         (mat,) = result.asset_materializations_for_node("tone_rewrite__adapter")
-        meta = {k: v.value for k, v in mat.metadata.items()}
+        assert mat.metadata["trained"].value == 1
+        meta = res.state().training("tiny-llama", "user-000", "tone_rewrite")
         assert meta["preference_accuracy_after"] > meta["preference_accuracy_before"]
         assert meta["reward_margin_after"] > meta["reward_margin_before"]
         assert read_current(res.drive(), "user-000", "tiny-llama", "tone_rewrite") is not None

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, instance_for_test
+from dagster import instance_for_test
 
 from lora_assets.adapters import job_for
 from lora_assets.cli import main
 from lora_assets.data.ingest import ingest
 from lora_assets.definitions import defs
 from lora_assets.modes import MODES, build_examples
-from lora_assets.orchestration.assets import all_assets
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
@@ -66,7 +65,7 @@ def two_users(tmp_path, home, tiny_base, synthetic_tables):
         for source in ("mail", "contacts", "browsing"):
             ingest(settings.store(), settings.feed(), user, source, t[source].to_pylist())
     with instance_for_test() as instance:
-        register_users(instance, ["alice", "bob"])
+        register_users(res.settings(), ["alice", "bob"])
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         yield instance, res, tables, secret
 
@@ -101,16 +100,6 @@ def _all_files(root: Path, user: str) -> dict[str, str]:
     }
 
 
-def _partitions_of(instance, user: str) -> list[tuple[str, str]]:
-    found = []
-    for asset in all_assets():
-        for key in asset.keys:
-            for partition in (user, f"tiny-llama|{user}"):
-                records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
-                found.extend((key.to_user_string(), partition) for _ in records.records)
-    return found
-
-
 def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, monkeypatch, capsys):
     instance, res, tables, secret = two_users
     data = Path(res.path)
@@ -126,7 +115,7 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     sync = ["sync", "--user", "alice", "--device-dir", str(device), "--base-model", "tiny-llama"]
     assert main(sync) == 0 and (device / "tiny-llama" / "mail_reply").is_dir()
     bob_before = _all_files(data, "bob")
-    assert _partitions_of(instance, "alice") and _all_files(data, "alice")
+    assert res.state().count_user_rows("alice") and _all_files(data, "alice")
 
     monkeypatch.setenv("LORA_ASSETS_HOME", str(data))
     monkeypatch.setattr("lora_assets.orchestration.instance.get_instance", lambda: instance)
@@ -137,8 +126,8 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     assert "forgot user alice" in out and "store objects (records)" in out and "nothing of alice is left" in out
 
     assert _all_files(data, "alice") == {}  # store, datasets, drive, working copies
-    assert _partitions_of(instance, "alice") == []
-    assert "alice" not in instance.get_dynamic_partitions("users")
+    assert res.state().count_user_rows("alice") == 0  # her datasets, adapters, history, registration
+    assert not res.state().is_registered("alice")
     dead = [payload for _i, payload, _e in feed.dead_letters()]
     assert len(dead) == 1 and "\"bob\"" in dead[0] and feed.pending_count() == 3  # bob's 3 events stay
     from dagster._serdes import serialize_value
@@ -147,17 +136,9 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
         events = [serialize_value(entry) for entry in instance.all_logs(run.run_id)]
         assert events and not [e for e in events if "alice" in e], run.run_id
         assert any("bob" in e for e in events), "bob's events of the shared runs stay"
-    check = instance.event_log_storage.get_asset_check_execution_history
-    from dagster import AssetCheckKey
-    from dagster._core.storage.event_log.base import PartitionKeyFilter
-
-    gate = AssetCheckKey(AssetKey(["mail_reply", "adapter"]), "eval_gate")
-    assert check(gate, limit=5, partition_filter=PartitionKeyFilter(key="tiny-llama|alice")) == []
-    assert len(check(gate, limit=5, partition_filter=PartitionKeyFilter(key="tiny-llama|bob"))) == 1
-    latest = instance.get_latest_materialization_event(AssetKey(["mail_reply", "dataset"]))
-    assert latest.asset_materialization.partition == "bob"  # the asset's cached latest is bob's, not alice's
     assert _all_files(data, "bob") == bob_before, "other users' files stay byte-identical"
-    assert len(_partitions_of(instance, "bob")) >= 8
+    assert res.state().rows("mail_reply", "tiny-llama", ["bob"])["bob"]["reason"] == "fresh"  # bob's rows stay
+    assert res.state().count_user_rows("bob") >= 8
 
     capsys.readouterr()
     assert main(sync) == 0  # her phone drops what was learned from her data

@@ -163,7 +163,12 @@ def _s3_env(aws) -> dict[str, str]:
 def s3_daemon(aws, postgres_url, home, tiny_base, tmp_path):
     """The real daemon on the scale-out engines: Postgres instance, S3 stores, SQS feed."""
     drain(aws)
-    d = Daemon(tmp_path, home / "base_models", env=_s3_env(aws), instance_yaml=_postgres_instance_yaml(postgres_url))
+    from lora_assets.state import StateStore, metadata
+
+    metadata.drop_all(StateStore(postgres_url).engine)  # the per-user state table on the same Postgres, fresh
+    env = {**_s3_env(aws), "LORA_ASSETS_STATE_URL": postgres_url}
+    d = Daemon(tmp_path, home / "base_models", env=env, instance_yaml=_postgres_instance_yaml(postgres_url))
+    assert d.settings.state().engine.dialect.name == "postgresql"
     assert type(d.instance.run_storage).__name__ == "PostgresRunStorage"
     yield d
     d.stop()
@@ -230,10 +235,10 @@ def test_change_driven_scenario_on_s3_sqs_and_postgres_through_the_daemon(s3_dae
     assert "nothing of user-001 is left" in done.stdout
     for prefix_store in (d.settings.store().objects, d.settings.datasets(), drive):
         assert prefix_store.list("user-001") == []
-    assert "user-001" not in d.instance.get_dynamic_partitions("users")
+    state = d.settings.state()
+    assert not state.is_registered("user-001") and state.count_user_rows("user-001") == 0
     for mode in ("mail_reply", "search_suggest"):
-        records = d.instance.fetch_materializations(AssetKey([mode, "adapter"]), limit=100).records
-        assert {r.partition_key for r in records} == {"tiny-llama|user-000"}
+        assert set(state.rows(mode, "tiny-llama", ["user-000", "user-001"])) == {"user-000"}
     assert {k: drive.get(k) for k in drive.list("user-000")} == kept, "other users' objects stay byte-identical"
     before = d.runs()
     d.ingest("user-001", "mail", [_mail("after-forget")])  # a late producer: dropped and erased
@@ -274,7 +279,7 @@ def test_a_worker_with_an_empty_data_dir_trains_on_a_base_model_registered_by_an
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home)))
     try:
         assert "tiny-custom" in instance.get_dynamic_partitions("base_models")
-        register_users(instance, ["user-000"])
+        register_users(res.settings(), ["user-000"])
         assert run_dataset_batch(instance, {"user-000": ["browsing"]}, res).success
         assert run_adapter_batch(instance, "tiny-custom", [("user-000", "search_suggest")], res).success
     finally:

@@ -6,24 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from dagster import (
-    AssetMaterialization,
-    DagsterRunStatus,
-    instance_for_test,
-    materialize,
-)
+import sqlalchemy as sa
+from dagster import DagsterRunStatus, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 
 from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.ingest import ingest
 from lora_assets.definitions import defs
-from lora_assets.orchestration.assets import (
-    adapter_key,
-    all_assets,
-    dataset_key,
-    published_key,
-    source_key,
-)
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
 from lora_assets.orchestration.registry import set_base_model_retired
 from lora_assets.orchestration.resources import LoraAssetsHome
@@ -73,8 +62,7 @@ def test_events_are_coalesced_per_user_into_one_batch_run(env):
     result = _tick(change_feed_sensor, instance, res, None)
 
     assert json.loads(result.cursor)["feed"] == str(last.event_id)
-    (added,) = result.dynamic_partitions_requests
-    assert sorted(added.partition_keys) == ["alice", "bob"]
+    assert res.state().user_page(None, 10) == ["alice", "bob"]  # registered by the tick
     (request,) = result.run_requests
     assert request.job_name == DATASET_BATCH_JOB
     assert _users(request) == {"alice": ["contacts", "mail"], "bob": ["browsing"]}
@@ -84,7 +72,7 @@ def test_events_are_coalesced_per_user_into_one_batch_run(env):
 def test_a_run_holds_at_most_users_per_run_users_and_only_those_that_changed(env, tmp_path):
     instance, _ = env
     res = LoraAssetsHome(home=str(tmp_path), users_per_run=2)
-    instance.add_dynamic_partitions("users", [f"u{i}" for i in range(10)])  # registered, unchanged
+    res.state().register([f"u{i}" for i in range(10)])  # registered, unchanged
     for user in ("u2", "u5", "u7", "u8", "new"):
         ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": "rye"}])
 
@@ -113,10 +101,13 @@ def test_events_are_acknowledged_only_after_the_cursor_moves_past_them(env):
 
 def test_known_users_are_not_re_added(env):
     instance, res = env
-    instance.add_dynamic_partitions("users", ["alice"])
+    res.state().register(["alice"])
+    (registered,) = res.state().engine.connect().execute(sa.text(
+        "select registered_at from lora_users")).fetchall()
     ingest(res.store(), res.feed(), "alice", "mail", [_mail("m1")])
     result = _tick(change_feed_sensor, instance, res, None)
-    assert not result.dynamic_partitions_requests
+    assert res.state().engine.connect().execute(sa.text(
+        "select registered_at from lora_users")).fetchall() == [registered]
     assert [list(_users(r)) for r in result.run_requests] == [["alice"]]
 
 
@@ -147,27 +138,24 @@ def test_poison_events_are_set_aside_and_do_not_block_the_others(env, tmp_path):
     assert not nxt.run_requests
 
 
-def _materialize_dataset(instance, res, user, mode="search_suggest", sources=("browsing",)):
-    keys = [source_key(s) for s in sources] + [dataset_key(mode)]
-    result = materialize(all_assets(), selection=keys, partition_key=user, instance=instance,
-                         resources={"lora_home": res})
-    assert result.success
-    return instance.get_latest_materialization_event(dataset_key(mode)).asset_materialization
+def _build_dataset(instance, res, user, mode="search_suggest", sources=("browsing",)) -> str:
+    """Rebuild a user's datasets in a batch run; returns the ``mode`` dataset's version."""
+    assert run_dataset_batch(instance, {user: list(sources)}, res).success
+    return res.state().datasets_of(mode, [user])[user]["version"]
 
 
-def _record_adapter(instance, mode, partition, dataset_version):
-    instance.report_runless_asset_event(
-        AssetMaterialization(adapter_key(mode), partition=partition, metadata={"dataset_version": dataset_version})
-    )
+def _record_adapter(res, mode, base, user, dataset_version):
+    res.state().record_adapter(base, user, mode, trained_on=dataset_version, adapter_version="sha", steps=1,
+                               training={}, gate={"passed": True}, run_id=None)
 
 
 def test_adapters_retrain_only_when_the_dataset_version_changes(env):
     instance, res = env
-    instance.add_dynamic_partitions("users", ["alice", "bob"])
+    res.state().register(["alice", "bob"])
     instance.add_dynamic_partitions("base_models", ["tiny-llama", "smollm2-135m"])
     store, feed = res.store(), res.feed()
     ingest(store, feed, "alice", "browsing", [{"id": "b1", "query": "sourdough starter"}])
-    version = _materialize_dataset(instance, res, "alice").tags["dagster/data_version"]
+    version = _build_dataset(instance, res, "alice")
 
     first = _tick(adapter_retrain_sensor, instance, res, None)
     assert all(r.job_name == ADAPTER_BATCH_JOB for r in first.run_requests)
@@ -177,15 +165,15 @@ def test_adapters_retrain_only_when_the_dataset_version_changes(env):
 
     # Both adapters get trained on that version; the same content again trains nothing.
     for base in ("tiny-llama", "smollm2-135m"):
-        _record_adapter(instance, "search_suggest", f"{base}|alice", version)
-    _materialize_dataset(instance, res, "alice")
+        _record_adapter(res, "search_suggest", base, "alice", version)
+    _build_dataset(instance, res, "alice")
     same = _tick(adapter_retrain_sensor, instance, res, first.cursor)
     assert not same.run_requests
 
     # New content retrains, for active base models only.
     set_base_model_retired(instance, "smollm2-135m", retired=True)
     ingest(store, feed, "alice", "browsing", [{"id": "b2", "query": "rye flour"}])
-    _materialize_dataset(instance, res, "alice")
+    _build_dataset(instance, res, "alice")
     changed = _tick(adapter_retrain_sensor, instance, res, same.cursor)
     assert [_items(r) for r in changed.run_requests] == [{("tiny-llama", "alice", "search_suggest")}]
 
@@ -194,7 +182,7 @@ def test_changed_users_of_one_tick_share_adapter_batch_runs(env, tmp_path):
     instance, _ = env
     res = LoraAssetsHome(home=str(tmp_path), users_per_run=2)
     users = ["ann", "ben", "cat"]
-    instance.add_dynamic_partitions("users", users)
+    res.state().register(users)
     instance.add_dynamic_partitions("base_models", ["tiny-llama"])
     for user in users:
         ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": f"{user} bread"}])
@@ -212,16 +200,16 @@ def test_changed_users_of_one_tick_share_adapter_batch_runs(env, tmp_path):
 
 def test_a_dataset_version_already_being_trained_is_not_requested_twice(env):
     instance, res = env
-    instance.add_dynamic_partitions("users", ["alice"])
+    res.state().register(["alice"])
     instance.add_dynamic_partitions("base_models", ["tiny-llama"])
     ingest(res.store(), res.feed(), "alice", "browsing", [{"id": "b1", "query": "sourdough starter"}])
-    _materialize_dataset(instance, res, "alice")
+    _build_dataset(instance, res, "alice")
     first = _tick(adapter_retrain_sensor, instance, res, None)
     (request,) = first.run_requests
     # The requested run is still training when a duplicate event rebuilds the same dataset.
     create_run_for_test(instance, job_name=ADAPTER_BATCH_JOB, status=DagsterRunStatus.STARTED,
                         run_config=request.run_config, tags=request.tags)
-    _materialize_dataset(instance, res, "alice")
+    _build_dataset(instance, res, "alice")
     dup = _tick(adapter_retrain_sensor, instance, res, first.cursor)
     assert not dup.run_requests
 
@@ -233,16 +221,6 @@ def test_feedback_changes_touch_only_the_modes_that_read_feedback(env):
     ])
     (request,) = _tick(change_feed_sensor, instance, res, None).run_requests
     assert _users(request) == {"alice": ["feedback"]}
-
-
-def _record_in_run(instance, run, key, partition):
-    from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
-
-    instance.report_dagster_event(
-        DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, run.job_name,
-                     event_specific_data=StepMaterializationData(AssetMaterialization(key, partition=partition))),
-        run.run_id,
-    )
 
 
 def _died(instance, job_name, run_config, tags=None):
@@ -296,8 +274,7 @@ def test_a_user_whose_data_cannot_be_read_is_retried_then_quarantined(env, tmp_p
     assert not result.success  # the run fails, naming the user ...
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "bad:" in failure.event_specific_data.error.to_string()
-    mats = instance.fetch_materializations(dataset_key("mail_reply"), limit=10).records
-    assert [m.partition_key for m in mats] == ["good"]  # ... and only that user's partitions lack it
+    assert set(res.state().datasets_of("mail_reply", ["good", "bad"])) == {"good"}  # ... and only theirs is missing
     # Not a failure of the data itself: requested again, for the bad user only ...
     retry = _tick(change_feed_sensor, instance, res, tick.cursor)
     (again,) = retry.run_requests
@@ -309,13 +286,13 @@ def test_a_user_whose_data_cannot_be_read_is_retried_then_quarantined(env, tmp_p
 
 def test_adapters_a_dead_training_run_did_not_finish_are_requested_again(env):
     instance, res = env
-    instance.add_dynamic_partitions("users", ["alice", "bob"])
+    res.state().register(["alice", "bob"])
     instance.add_dynamic_partitions("base_models", ["tiny-llama"])
     primed = _tick(adapter_retrain_sensor, instance, res, None)
     items = [{"user": u, "mode": "search_suggest", "dataset_version": f"v-{u}"} for u in ("alice", "bob")]
     config = {"ops": {"train_adapters": {"config": {"base_model": "tiny-llama", "items": items}}}}
     run = create_run_for_test(instance, job_name=ADAPTER_BATCH_JOB, status=DagsterRunStatus.STARTED, run_config=config)
-    _record_in_run(instance, run, published_key("search_suggest"), "tiny-llama|alice")  # alice got done
+    res.state().record_published("tiny-llama", "alice", "search_suggest", "v1", run.run_id)  # alice got done
     instance.report_run_failed(run)  # then the worker died
 
     (request,) = _tick(adapter_retrain_sensor, instance, res, primed.cursor).run_requests

@@ -29,7 +29,7 @@ def deployment(tmp_path, home, tiny_base, synthetic_tables, monkeypatch):
     monkeypatch.setenv("LORA_ASSETS_HOME", res.home)
     with instance_for_test() as instance:
         monkeypatch.setattr("lora_assets.orchestration.instance.get_instance", lambda: instance)
-        register_users(instance, ["alice", "bob"])
+        register_users(res.settings(), ["alice", "bob"])
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         yield instance, res, synthetic_tables
 

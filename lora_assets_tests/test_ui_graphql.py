@@ -169,7 +169,7 @@ def ui(tmp_path: Path, home: Path, tiny_base, synthetic_tables) -> Iterator[tupl
         for source in SOURCES:
             ingest(settings.store(), settings.feed(), user, source, synthetic_tables[generated][source].to_pylist())
     with instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True) as instance:
-        register_users(instance, ["alice", "bob"])
+        register_users(res.settings(), ["alice", "bob"])
         instance.add_dynamic_partitions("base_models", [BASE])
         origin = LoadableTargetOrigin(
             executable_path=sys.executable, module_name="lora_assets.definitions", attribute="defs"
@@ -178,82 +178,68 @@ def ui(tmp_path: Path, home: Path, tiny_base, synthetic_tables) -> Iterator[tupl
             yield instance, context, res
 
 
-def test_the_ui_shows_an_adapter_partitions_metadata_and_its_linked_gate_verdict(ui):
+def test_the_ui_shows_a_batch_runs_summary_and_its_linked_gate_verdict_naming_no_user(ui):
     instance, context, res = ui
-    partition = f"{BASE}|alice"
-    assert run_dataset_batch(instance, {"alice": list(SOURCES)}, res).success
-    result = run_adapter_batch(instance, BASE, [("alice", MODE)], res)
+    assert run_dataset_batch(instance, {u: list(SOURCES) for u in ("alice", "bob")}, res).success
+    result = run_adapter_batch(instance, BASE, [("alice", MODE), ("bob", MODE)], res)
     assert result.success
     run_id = result.run_id
 
-    adapters = materializations(context, ADAPTER, partition)
-    assert len(adapters) == 1, adapters
+    adapters = materializations(context, ADAPTER, BASE)
+    assert len(adapters) == 1, adapters  # one event for the run, not one per user
     adapter = adapters[0]
-    assert adapter["runId"] == run_id and adapter["partition"] == partition
+    assert adapter["runId"] == run_id and adapter["partition"] == BASE
     meta = _metadata(adapter["metadataEntries"])
-    assert meta["base_model"] == BASE
-    assert meta["steps"] == 3
-    assert isinstance(meta["adapter_eval_loss"], float) and meta["adapter_eval_loss"] > 0
-    assert isinstance(meta["base_eval_loss"], float) and meta["base_eval_loss"] > 0
-    weights = Path(meta["path"]) / "adapter_model.safetensors"  # the panel's path is the adapter folder
-    assert meta["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert meta["size_bytes"] == weights.stat().st_size
-    assert meta["train_tokens"] > 0 and meta["dataset_version"]
-    assert "training loss" in meta["loss_curve"]  # drawn as markdown for the metadata panel
+    assert (meta["users"], meta["trained"], meta["steps"]) == (2, 2, 6)
+    assert isinstance(meta["mean_eval_loss_improvement"], float) and meta["mean_eval_loss_improvement"] > 0
+    assert meta["train_tokens"] > 0 and meta["size_bytes"] > 0 and meta["versions_digest"]
+    text = repr(adapters) + repr(materializations(context, PUBLISHED, BASE))
+    assert "alice" not in text and "bob" not in text, "no user id in what the UI shows"
 
-    executions = check_executions(context, partition)
+    executions = check_executions(context, BASE)
     assert len(executions) == 1, executions
     gate = executions[0]
-    assert gate["status"] == "SUCCEEDED" and gate["runId"] == run_id and gate["partition"] == partition
+    assert gate["status"] == "SUCCEEDED" and gate["runId"] == run_id and gate["partition"] == BASE
     evaluation = gate["evaluation"]
-    assert evaluation["success"] is True and evaluation["partition"] == partition
+    assert evaluation["success"] is True and evaluation["partition"] == BASE
     target = evaluation["targetMaterialization"]
     assert target is not None, "the verdict is not linked to the materialization it judged"
     assert target["runId"] == run_id
     assert target["timestamp"] == pytest.approx(float(adapter["timestamp"]) / 1000.0, abs=1e-3)
-    gate_meta = _metadata(evaluation["metadataEntries"])
-    assert gate_meta["adapter_eval_loss"] == pytest.approx(meta["adapter_eval_loss"])
-    assert gate_meta["base_eval_loss"] == pytest.approx(meta["base_eval_loss"])
+    assert _metadata(evaluation["metadataEntries"])["passed"] == 2
     assert check_executions(context, "") == [], "partition-less eval_gate verdicts"
 
-    published = materializations(context, PUBLISHED, partition)
+    published = materializations(context, PUBLISHED, BASE)
     assert len(published) == 1, published
-    assert published[0]["runId"] == run_id and published[0]["partition"] == partition
-    assert _metadata(published[0]["metadataEntries"])["version"]
+    assert published[0]["runId"] == run_id and published[0]["partition"] == BASE
+    assert _metadata(published[0]["metadataEntries"])["published"] == 2
+    # Each user's adapter, verdict and version: the state table (`lora-assets status --user`).
+    rows = res.state().rows(MODE, BASE, ["alice", "bob"])
+    assert {r["reason"] for r in rows.values()} == {"fresh"}
+    weights = Path(res.home) / "adapters" / BASE / "alice" / MODE / "adapter_model.safetensors"
+    assert rows["alice"]["adapter_version"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def test_an_adapter_only_materialize_from_the_ui_publishes_and_links_one_verdict_per_partition(ui):
+def test_materialize_from_the_ui_trains_every_stale_adapter_of_the_base_model_and_publishes_them(ui):
     instance, context, res = ui
-    partitions = [f"{BASE}|alice", f"{BASE}|bob"]
     assert run_dataset_batch(instance, {u: list(SOURCES) for u in ("alice", "bob")}, res).success
-    for partition in partitions:
-        assert materializations(context, PUBLISHED, partition) == []
+    assert materializations(context, PUBLISHED, BASE) == []
 
-    runs = {}
-    for partition in partitions:  # a backfill of these partitions: one run each (multi_run(1))
-        run = materialize_from_ui(context, partition, res)
-        finished = instance.get_run_by_id(run["runId"])
-        assert finished.is_success, (partition, finished.status)
-        assert finished.asset_selection == {AssetKey(ADAPTER["path"])}  # published not selected
-        runs[partition] = run["runId"]
+    run = materialize_from_ui(context, BASE, res)  # a backfill of one base model from the UI
+    finished = instance.get_run_by_id(run["runId"])
+    assert finished.is_success, finished.status
+    assert finished.asset_selection == {AssetKey(ADAPTER["path"])}  # published not selected
 
-    for partition, run_id in runs.items():
-        adapters = materializations(context, ADAPTER, partition)
-        assert [m["runId"] for m in adapters] == [run_id]
-        published = materializations(context, PUBLISHED, partition)
-        assert published, f"{partition}: the adapter-only run published nothing the UI can show"
-        assert [m["runId"] for m in published] == [run_id], partition
-        assert _metadata(published[0]["metadataEntries"])["version"]
+    (adapter,) = materializations(context, ADAPTER, BASE)
+    assert adapter["runId"] == run["runId"] and _metadata(adapter["metadataEntries"])["trained"] == 2
+    (published,) = materializations(context, PUBLISHED, BASE)
+    assert published["runId"] == run["runId"], "the adapter-only run published what passed its gate"
+    assert _metadata(published["metadataEntries"])["published"] == 2
 
-    executions = check_executions(context)
-    assert sorted(e["partition"] for e in executions) == partitions, executions
-    for e in executions:
-        partition = e["partition"]
-        assert e["status"] == "SUCCEEDED" and e["runId"] == runs[partition]
-        assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == partition
-        target = e["evaluation"]["targetMaterialization"]
-        assert target is not None, f"{partition}: the verdict is not linked to a materialization"
-        (adapter,) = materializations(context, ADAPTER, partition)
-        assert target["runId"] == runs[partition]
-        assert target["timestamp"] == pytest.approx(float(adapter["timestamp"]) / 1000.0, abs=1e-3)
+    (execution,) = check_executions(context)
+    assert execution["partition"] == BASE and execution["status"] == "SUCCEEDED"
+    target = execution["evaluation"]["targetMaterialization"]
+    assert target is not None and target["runId"] == run["runId"]
+    assert target["timestamp"] == pytest.approx(float(adapter["timestamp"]) / 1000.0, abs=1e-3)
     assert check_executions(context, "") == [], "partition-less eval_gate verdicts"
+    assert {r["reason"] for r in res.state().rows(MODE, BASE, ["alice", "bob"]).values()} == {"fresh"}

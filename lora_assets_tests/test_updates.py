@@ -7,14 +7,13 @@ import shutil
 
 import pyarrow as pa
 import pytest
-from dagster import AssetRecordsFilter, instance_for_test
+from dagster import instance_for_test
 
 from lora_assets.adapters import FULL, INCREMENTAL, plan_update
 from lora_assets.data.user_store import write_user
 from lora_assets.datasets import read_dataset
 from lora_assets.lora_spec import StepBudget
 from lora_assets.modes import MODES
-from lora_assets.orchestration.assets import adapter_key
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
 from lora_assets.training import read_adapter_metadata, register_base_model
@@ -31,7 +30,7 @@ def env(tmp_path, home, tiny_base, synthetic_tables):
     tables["mail"] = pa.Table.from_pylist(mail[:-3], schema=tables["mail"].schema)  # 3 mails arrive later
     write_user(res.store(), "alice", tables)
     with instance_for_test() as instance:
-        register_users(instance, ["alice"])
+        register_users(res.settings(), ["alice"])
         instance.add_dynamic_partitions("base_models", ["tiny-llama"])
         yield instance, res, mail[-3:]
 
@@ -39,10 +38,7 @@ def env(tmp_path, home, tiny_base, synthetic_tables):
 def _train(instance, res, base="tiny-llama", mode="mail_reply", sources=("mail",)) -> dict:
     assert run_dataset_batch(instance, {"alice": list(sources)}, res).success
     assert run_adapter_batch(instance, base, [("alice", mode)], res).success
-    record = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=adapter_key(mode), asset_partitions=[f"{base}|alice"]), limit=1
-    ).records[0]
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    return res.state().training(base, "alice", mode)  # how it was trained, as the state table keeps it
 
 
 def test_a_small_change_updates_the_published_adapter_warm_and_a_delete_retrains_from_scratch(env):
@@ -76,10 +72,7 @@ def test_an_update_that_fails_the_gate_is_retrained_in_full_in_the_same_run(env)
     # A tolerance no retrain can meet (90 % better than the published adapter): the update fails ...
     picky = LoraAssetsHome(home=res.home, gate_margin=0.0, gate_tolerance=-0.9)
     assert not run_adapter_batch(instance, "tiny-llama", [("alice", "mail_reply")], picky).success
-    record = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=adapter_key("mail_reply"), asset_partitions=["tiny-llama|alice"]), limit=1
-    ).records[0]
-    meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    meta = res.state().training("tiny-llama", "alice", "mail_reply")
     # ... so the same run trained from scratch and gated that one instead.
     assert meta["training"] == FULL
     assert meta["training_reason"].startswith("the incremental update failed the eval gate")

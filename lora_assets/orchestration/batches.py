@@ -3,11 +3,11 @@
 The sensors and ``lora-assets backfill`` launch these instead of one run per user: a run pays a
 process start, a code-location load, a torch import and a base-model load, which cost far more
 than training one small adapter. Each run lists exactly the (user, mode)s that changed, never a
-range of users, and records per partition the events a one-partition asset run records
-(``recording.py``), so the UI's partition view, check history and the sensors see no difference.
+range of users; each user's outcome goes to the state table and the run records one summary
+event per asset (``recording.py``), as an asset run launched from the UI does.
 
 Failure isolation: a user whose data is bad, or whose adapter fails the gate, is recorded as
-failed on its own partitions; the others are trained, published and recorded as usual. The run
+failed in their own state rows; the others are trained, published and recorded as usual. The run
 then fails, listing the failed partitions in the failure's metadata, which is how the sensors
 tell a failure that will not go away (bad data, a failed gate) from lost work (a killed or
 crashed run) that must be requested again.
@@ -15,7 +15,6 @@ crashed run) that must be requested again.
 
 
 import json
-import shutil
 
 from dagster import (
     Config,
@@ -29,25 +28,21 @@ from dagster import (
 from lora_assets.data.schemas import InvalidRecord
 from lora_assets.datasets import refresh_dataset
 from lora_assets.modes import get_mode, modes_reading
-from lora_assets.orchestration import metadata as md
 from lora_assets.orchestration import recording
-from lora_assets.orchestration.assets import (
+from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
+from lora_assets.orchestration.keys import (
     GATE_CHECK,
     TRAINING_POOL,
     adapter_key,
     dataset_key,
-    outcome_meta,
     progress_logger,
-    publish_and_record,
     published_key,
     source_key,
-    source_metadata,
 )
-from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
-from lora_assets.orchestration.partitions import adapter_partition_key, adapter_partitions
+from lora_assets.orchestration.partitions import adapter_partitions
 from lora_assets.orchestration.registry import forgotten_among, is_forgotten
 from lora_assets.orchestration.resources import LoraAssetsHome
-from lora_assets.pipeline import AdapterOutcome, AdapterWork, source_state, train_and_gate, withdraw
+from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate
 
 DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
@@ -112,11 +107,9 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
     store, datasets = settings.store(), settings.datasets()
     gone = forgotten_among(context.instance, [c.user for c in config.users])
     plans = {c.user: (sorted(set(c.sources)), modes_reading(set(c.sources))) for c in config.users if c.user not in gone}
-    recording.plan(
-        context,
-        [(source_key(s), u) for u, (sources, _) in plans.items() for s in sources]
-        + [(dataset_key(m.name), u) for u, (_, modes) in plans.items() for m in modes],
-    )
+    recording.plan(context, [(source_key(s), None) for _u, (sources, _) in plans.items() for s in sources]
+                   + [(dataset_key(m.name), None) for _u, (_, modes) in plans.items() for m in modes])
+    summary = recording.Summary()
     failed: dict[str, str] = {}
     permanent: list[str] = []
 
@@ -124,43 +117,65 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
         failed[user] = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, InvalidRecord):
             permanent.append(user)  # the data itself: the same build would fail again
+        for mode in plans[user][1]:
+            summary.add(dataset_key(mode.name), None, "failed")
         context.log.error(f"{user}: datasets not rebuilt: {failed[user]}")
 
-    for user, (sources, _modes) in plans.items():
-        try:
-            for source in sources:
-                state = source_state(store, user, source)
-                recording.materialize(context, source_key(source), user, state.fingerprint, source_metadata(state))
-        except Exception as exc:  # storage errors and the like: lost work, requested again
-            fail(user, exc)
-    users = [u for u in plans if u not in failed]
-    needed = sorted({s for u in users for m in plans[u][1] for s in m.sources})
-    upstream = {s: recording.latest_materializations(context.instance, source_key(s), users) for s in needed}
-    for user in users:
-        if is_forgotten(context.instance, user):  # forgotten while this run was going: write nothing more
-            continue
-        built = []
-        try:
-            for mode in plans[user][1]:
-                refreshed = refresh_dataset(store, datasets, mode, user)
-                recording.materialize(
-                    context, dataset_key(mode.name), user, refreshed.version, md.dataset_metadata(refreshed),
-                    upstream=[(source_key(s), upstream[s].get(user)) for s in mode.sources],
-                )
-                built.append(f"{mode.name} {refreshed.report.how} ({refreshed.report.changed_records} records) "
-                             f"{len(refreshed.df)} rows")
-                if warning := md.skipped_warning(mode.name, user, refreshed):
-                    context.log.warning(warning)
-        except Exception as exc:
-            fail(user, exc)
-            continue
-        context.log.info(f"{user}: " + "; ".join(built))
+    try:
+        for user, (sources, modes) in plans.items():
+            if is_forgotten(context.instance, user):  # forgotten while this run was going: write nothing more
+                continue
+            built = []
+            try:
+                for source in sources:
+                    state = source_state(store, user, source)
+                    summary.add(source_key(source), None, "read", state.fingerprint, records=state.records)
+                for mode in modes:
+                    refreshed = refresh_dataset(store, datasets, mode, user)
+                    recording.record_dataset(context, settings, summary, dataset_key(mode.name), mode.name, user, refreshed)
+                    built.append(f"{mode.name} {refreshed.report.how} ({refreshed.report.changed_records} records) "
+                                 f"{len(refreshed.df)} rows")
+            except Exception as exc:  # storage errors: lost work, requested again; bad data: permanent
+                fail(user, exc)
+                continue
+            context.log.info(f"{user}: " + "; ".join(built))
+    finally:  # also when the run is stopped half way: what was built is counted
+        summary.flush(context)
     if failed:
         raise Failure(
             description=f"datasets not rebuilt for {len(failed)} of {len(plans)} users: "
             + "; ".join(f"{u}: {e}" for u, e in sorted(failed.items())),
             metadata={PERMANENT_FAILURES: json.dumps(sorted(permanent))},
         )
+
+
+def train_and_record(context, settings, base_model: str, works: list[AdapterWork], summary: recording.Summary,
+                     publish_here: bool = True) -> tuple[list[str], list[str]]:
+    """Train, gate, record and (``publish_here``) publish ``works`` on one loaded base model;
+    returns the labels of permanent failures (bad data, a failed gate) and of lost work (the
+    drive was unreachable)."""
+    from lora_assets.training.variant import resolve_fusion
+
+    threads = use_run_threads(settings)
+    permanent, lost = [], []
+
+    def record(outcome: AdapterOutcome) -> None:
+        w = outcome.work
+        what = recording.record_outcome(context, settings, summary, outcome, (adapter_key(w.mode), published_key(w.mode)),
+                                        (lambda work: publish(settings, work)) if publish_here else None)
+        label = f"{w.mode}|{w.base_model}|{w.user}"
+        if what in ("not_trained", "gate_failed"):
+            permanent.append(label)
+        elif what == "publish_failed":
+            lost.append(label)
+
+    base = loaded_base_model(base_model, settings)
+    context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
+                     f"{base.device.type} {str(base.dtype).removeprefix('torch.')}, "
+                     f"{resolve_fusion(settings.fusion, base.device)} training (groups of at most {settings.fuse}), "
+                     f"{threads} torch threads")
+    train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)
+    return permanent, lost
 
 
 @op(
@@ -173,74 +188,25 @@ def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_hom
 )
 def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_home: LoraAssetsHome) -> None:
     settings = lora_home.settings()
-    threads = use_run_threads(settings)
     base_model = config.base_model
     gone = forgotten_among(context.instance, [i.user for i in config.items])
     works = [AdapterWork(base_model, i.user, get_mode(i.mode).name) for i in config.items if i.user not in gone]
-    partition = {w: str(adapter_partition_key(base_model, w.user)) for w in works}
-    datasets = {
-        mode: recording.latest_materializations(context.instance, dataset_key(mode), [w.user for w in works if w.mode == mode])
-        for mode in sorted({w.mode for w in works})
-    }
-    done = already_published(context.instance, works, partition, datasets)
+    done = already_published(settings, works)
     if done:  # a retry of a run that died half way: what it finished stays finished
         context.log.info(f"already trained on the current dataset and published: {', '.join(sorted(w.name for w in done))}")
         works = [w for w in works if w not in done]
-    recording.plan(
-        context,
-        [(k(w.mode), partition[w]) for w in works for k in (adapter_key, published_key)],
-        [(adapter_key(w.mode), GATE_CHECK, partition[w], adapter_partitions) for w in works],
-    )
-    permanent, lost = [], []
-
-    def record(outcome: AdapterOutcome) -> None:
-        """Record one adapter's events, and publish it, as soon as its gate is known."""
-        w, key = outcome.work, partition[outcome.work]
-        label = f"{w.mode}|{key}"
-        if is_forgotten(context.instance, w.user):  # forgotten while training: keep nothing of it
-            shutil.rmtree(outcome.folder, ignore_errors=True)
-            return
-        if outcome.error:
-            permanent.append(label)
-            context.log.error(f"[{w.name}] not trained: {outcome.error}")
-            return
-        if outcome.withdraw:
-            withdrawn = withdraw(settings, w, outcome.withdraw)
-            for key_fn, meta in ((adapter_key, {"withdrawn": True, "reason": outcome.withdraw,
-                                                "dataset_version": outcome.dataset_version}),
-                                 (published_key, {"version": "withdrawn", "reason": outcome.withdraw,
-                                                  "deleted_versions": ", ".join(withdrawn.deleted_versions)})):
-                recording.materialize(context, key_fn(w.mode), key, f"withdrawn:{outcome.dataset_version}", meta)
-            context.log.info(f"[{w.name}] withdrawn: {outcome.withdraw}; devices remove it at their next sync")
-            return
-        plain = outcome_meta(outcome)
-        recording.materialize(
-            context, adapter_key(w.mode), key, plain["sha256"], md.adapter_metadata(plain),
-            upstream=[(dataset_key(w.mode), datasets[w.mode].get(w.user))],
-        )
-        adapter = recording.latest_materialization(context.instance, adapter_key(w.mode), key)
-        recording.check(context, adapter_key(w.mode), GATE_CHECK, key, outcome.gate.passed,
-                        md.gate_metadata(outcome.gate), adapter)
-        summary = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
-        if not outcome.gate.passed:
-            permanent.append(label)
-            context.log.warning(f"{summary}; eval gate failed: {outcome.gate.reason}")
-            return
-        context.log.info(summary)
-        try:
-            publish_and_record(context, settings, w, adapter)
-        except Exception as exc:  # the drive is unreachable: lost work, requested again
-            lost.append(label)
-            context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
-
-    base = loaded_base_model(base_model, settings)
-    from lora_assets.training.variant import resolve_fusion
-
-    context.log.info(f"{len(works)} adapters of {len({w.user for w in works})} users on {base_model}, "
-                     f"{base.device.type} {str(base.dtype).removeprefix('torch.')}, "
-                     f"{resolve_fusion(settings.fusion, base.device)} training (groups of at most {settings.fuse}), "
-                     f"{threads} torch threads")
-    train_and_gate(settings, base, works, progress=progress_logger(context), on_outcome=record)
+    modes = sorted({w.mode for w in works})
+    recording.plan(context, [(k(m), base_model) for m in modes for k in (adapter_key, published_key)],
+                   [(adapter_key(m), GATE_CHECK, base_model, adapter_partitions) for m in modes])
+    summary = recording.Summary()
+    try:
+        permanent, lost = train_and_record(context, settings, base_model, works, summary)
+    finally:  # also when training fails half way: what finished is counted
+        summary.flush(context)
+        for mode in modes:
+            judged = recording.latest_materialization(context.instance, adapter_key(mode), base_model)
+            judged = judged if judged is not None and judged.run_id == context.run.run_id else None
+            context.log_event(recording.gate_evaluation(summary, adapter_key(mode), GATE_CHECK, base_model, judged))
     if permanent or lost:
         raise Failure(
             description=f"{len(permanent) + len(lost)} of {len(works)} adapters not published: "
@@ -249,21 +215,14 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
         )
 
 
-def already_published(instance, works: list[AdapterWork], partition: dict, datasets: dict) -> set[AdapterWork]:
-    """Works whose latest adapter was trained on the current dataset version and published since."""
-    done = set()
+def already_published(settings, works: list[AdapterWork]) -> set[AdapterWork]:
+    """Works whose adapter was trained on the current dataset version and published since."""
+    state, done = settings.state(), set()
     for mode in sorted({w.mode for w in works}):
-        keys = [partition[w] for w in works if w.mode == mode]
-        adapters = recording.latest_materializations(instance, adapter_key(mode), keys)
-        published = recording.latest_materializations(instance, published_key(mode), keys)
-        for w in (w for w in works if w.mode == mode):
-            adapter, dataset = adapters.get(partition[w]), datasets[mode].get(w.user)
-            pub = published.get(partition[w])
-            if adapter is None or dataset is None or pub is None or pub.storage_id < adapter.storage_id:
-                continue
-            trained_on = adapter.asset_materialization.metadata.get("dataset_version")
-            if trained_on is not None and trained_on.value == dataset.asset_materialization.tags.get("dagster/data_version"):
-                done.add(w)
+        for base in sorted({w.base_model for w in works if w.mode == mode}):
+            mine = [w for w in works if w.mode == mode and w.base_model == base]
+            rows = state.rows(mode, base, [w.user for w in mine])
+            done.update(w for w in mine if rows.get(w.user, {}).get("reason") == "fresh")
     return done
 
 

@@ -1,90 +1,220 @@
-"""Per-partition asset events from a batch run, recorded as a one-partition asset run records them.
+"""What a run records, in two places: each user's outcome in the state table, and a summary per
+asset in the Dagster event log.
 
-Dagster runs carry one partition or one contiguous range (dagster-io/dagster#32335), so a run
-that rebuilds or retrains an arbitrary set of users is an op job. For the UI, the sensors and
-``fetch_materializations`` to see each partition exactly as after a one-partition asset run,
-the batch op records, per partition, what Dagster's asset execution would have:
+Per user (``lora_assets.state``): the dataset version built, the adapter trained and its gate
+verdict, what was published or withdrawn, a failure that will not go away. The sensors, the
+retry of a killed run and ``lora-assets status`` read these rows.
 
-- an ``ASSET_MATERIALIZATION_PLANNED`` (and ``ASSET_CHECK_EVALUATION_PLANNED``) event when the
-  run starts, so the partition shows as in progress, and as failed if the run then fails
-  without materializing it;
-- the materialization with its metadata and the data-version tags: its data version, the code
-  version (the run id, as for assets without one) and, per upstream asset, the input data
-  version and event pointer, so staleness in the UI works as for any asset;
-- the check evaluation, linked to the materialization it judged.
+Per asset and run (Dagster): one ``ASSET_MATERIALIZATION_PLANNED`` when the run starts (so the
+asset shows the run in progress, and as failed if it dies before recording), then one
+materialization whose metadata counts what happened to the run's users (built, trained, passed,
+failed, published, withdrawn; losses and timings aggregated) with a digest of the versions as
+its data version, and one ``eval_gate`` evaluation per mode and base model. No user id and no
+user text: a million users would otherwise put a copy of their mail and ~28 rows per retrained
+adapter into the orchestrator's database (README: Scale).
+
+``record_outcome`` is the one way an adapter's outcome is recorded, for asset runs (the UI) and
+batch runs (the sensors, ``lora-assets backfill``) alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagster import (
-    AssetCheckEvaluation,
-    AssetKey,
-    AssetMaterialization,
-    AssetRecordsFilter,
-    DagsterInstance,
-    OpExecutionContext,
-)
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationPlanned,
-    AssetCheckEvaluationTargetMaterializationData,
-)
-from dagster._core.definitions.data_version import (
-    CODE_VERSION_TAG,
-    DATA_VERSION_IS_USER_PROVIDED_TAG,
-    DATA_VERSION_TAG,
-    get_input_data_version_tag,
-    get_input_event_pointer_tag,
-)
+from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, OpExecutionContext
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationPlanned
+from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 from dagster._core.definitions.partitions.definition import PartitionsDefinition
-from dagster._core.events import (
-    AssetMaterializationPlannedData,
-    DagsterEvent,
-    DagsterEventType,
-)
+from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent, DagsterEventType
+
+Slot = tuple[AssetKey, str | None]  # an asset and its partition (a base model) or None
 
 
 def plan(
     context: OpExecutionContext,
-    assets: Sequence[tuple[AssetKey, str]],
-    checks: Sequence[tuple[AssetKey, str, str, PartitionsDefinition]] = (),
+    assets: Sequence[Slot],
+    checks: Sequence[tuple[AssetKey, str, str | None, PartitionsDefinition | None]] = (),
 ) -> None:
-    """Announce the (asset, partition)s and (asset, check, partition)s this run will produce."""
+    """Announce the assets (and checks) this run will record, once each."""
     instance, run_id, job = context.instance, context.run.run_id, context.job_name
-    for key, partition in assets:
+    for key, partition in dict.fromkeys(assets):
         instance.report_dagster_event(
             DagsterEvent.build_asset_materialization_planned_event(
                 job, context.op_handle.name, AssetMaterializationPlannedData(key, partition=partition)
             ),
             run_id,
         )
-    for key, check, partition, partitions_def in checks:
+    for key, check, partition, partitions_def in dict.fromkeys(checks):
+        subset = partitions_def.empty_subset().with_partition_keys([partition]) if partition else None
         instance.report_dagster_event(
             DagsterEvent(
                 event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
                 job_name=job,
-                message=f"{job} intends to execute asset check {check} on asset {key.to_string()} [{partition}]",
-                event_specific_data=AssetCheckEvaluationPlanned(
-                    asset_key=key,
-                    check_name=check,
-                    partitions_subset=partitions_def.empty_subset().with_partition_keys([partition]),
-                ),
+                message=f"{job} intends to execute asset check {check} on asset {key.to_string()}",
+                event_specific_data=AssetCheckEvaluationPlanned(asset_key=key, check_name=check,
+                                                                partitions_subset=subset),
             ),
             run_id,
         )
 
 
-def latest_materialization(instance: DagsterInstance, key: AssetKey, partition: str):
+class Summary:
+    """What a run did to its users, per asset: counts, sums and a digest of versions."""
+
+    def __init__(self) -> None:
+        self.counts: dict[Slot, Counter] = defaultdict(Counter)
+        self.sums: dict[Slot, Counter] = defaultdict(Counter)
+        self.versions: dict[Slot, list[str]] = defaultdict(list)
+
+    def add(self, key: AssetKey, partition: str | None, outcome: str, version: str | None = None,
+            **sums: float) -> None:
+        slot = (key, partition)
+        self.counts[slot][outcome] += 1
+        self.sums[slot].update({k: v for k, v in sums.items() if v is not None})
+        if version:
+            self.versions[slot].append(version)
+
+    def slots(self) -> list[Slot]:
+        return list(self.counts)
+
+    def data_version(self, key: AssetKey, partition: str | None = None) -> str:
+        digest = hashlib.sha256("\n".join(sorted(self.versions[(key, partition)])).encode())
+        return digest.hexdigest()[:16]
+
+    def metadata(self, key: AssetKey, partition: str | None = None) -> dict[str, Any]:
+        counts, sums = self.counts[(key, partition)], self.sums[(key, partition)]
+        out: dict[str, Any] = {"users": sum(counts.values()), **dict(sorted(counts.items()))}
+        out.update({k: round(v, 4) for k, v in sorted(sums.items())})
+        if counts.get("trained") or counts.get("gate_failed"):
+            gated = counts.get("trained", 0) + counts.get("gate_failed", 0)
+            out["mean_eval_loss_improvement"] = round(sums.get("eval_loss_improvement", 0.0) / gated, 4)
+        out["versions_digest"] = self.data_version(key, partition)
+        return out
+
+    def flush(self, context: OpExecutionContext, skip: Sequence[AssetKey] = ()) -> None:
+        """Log one materialization per asset this run touched (except ``skip``: an asset body
+        returns its own)."""
+        for key, partition in self.slots():
+            if key in skip:
+                continue
+            tags = {DATA_VERSION_TAG: self.data_version(key, partition), DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+            context.log_event(AssetMaterialization(key, partition=partition, metadata=self.metadata(key, partition),
+                                                   tags=tags))
+
+
+def gate_evaluation(summary: Summary, adapter: AssetKey, check_name: str, partition: str | None,
+                    target=None) -> AssetCheckEvaluation:
+    """The run's ``eval_gate`` verdict on one mode and base model: passed when no adapter failed
+    its gate; how many passed and failed in the metadata (which users: ``lora-assets status``).
+    ``target``: the materialization record it judged (the UI links the two)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+
+    counts = summary.counts[(adapter, partition)]
+    failed = counts.get("gate_failed", 0)
+    return AssetCheckEvaluation(
+        asset_key=adapter, check_name=check_name, passed=failed == 0, partition=partition,
+        metadata={"passed": counts.get("trained", 0), "failed": failed, "not_trained": counts.get("not_trained", 0),
+                  "withdrawn": counts.get("withdrawn", 0)},
+        description=(f"{failed} adapter(s) did not pass; their devices keep the published version "
+                     "(`lora-assets status --state stale` lists them)") if failed else None,
+        target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+            storage_id=target.storage_id, run_id=target.run_id, timestamp=target.timestamp) if target else None,
+    )
+
+
+def record_dataset(context: OpExecutionContext, settings, summary: Summary, key: AssetKey, mode: str,
+                   user: str, refreshed) -> None:
+    """A rebuilt dataset: the user's row in the state table, the run's count, and a warning
+    naming the records no mode can use."""
+    from lora_assets.orchestration.metadata import skipped_warning
+
+    if warning := skipped_warning(mode, user, refreshed):
+        context.log.warning(warning)
+    df = refreshed.df
+    train_rows = int((df["split"] == "train").sum()) if len(df) else 0
+    settings.state().record_dataset(user, mode, refreshed.version, len(df), train_rows, context.run.run_id)
+    summary.add(key, None, refreshed.report.how, refreshed.version, rows=len(df), train_rows=train_rows,
+                changed_records=refreshed.report.changed_records, skipped_records=len(refreshed.report.skipped))
+
+
+def record_outcome(context: OpExecutionContext, settings, summary: Summary, outcome, keys, publish_fn) -> str:
+    """Record one adapter's outcome as soon as its gate is known, and publish it if it passed.
+
+    ``keys``: (adapter key, published key) of its mode; ``publish_fn(work)`` publishes and
+    returns the ``PublishResult`` (None: leave publication to the run's ``published`` step).
+    Returns what happened: forgotten, not_trained, withdrawn, gate_failed, trained (passed, not
+    published here), published or publish_failed (the drive was unreachable: lost work).
+    """
+    from lora_assets.orchestration.metadata import gate_metadata
+    from lora_assets.orchestration.registry import is_forgotten
+    from lora_assets.pipeline import adapter_metadata, withdraw
+
+    w, (adapter_key, published_key) = outcome.work, keys
+    state, run_id, base = settings.state(), context.run.run_id, w.base_model
+    if is_forgotten(context.instance, w.user):  # forgotten while training: keep nothing of it
+        shutil.rmtree(outcome.folder, ignore_errors=True)
+        return "forgotten"
+    if outcome.error:
+        state.record_failure(base, w.user, w.mode, f"not trained: {outcome.error}", run_id)
+        summary.add(adapter_key, base, "not_trained")
+        context.log.error(f"[{w.name}] not trained: {outcome.error}")
+        return "not_trained"
+    if outcome.withdraw:
+        withdrawn = withdraw(settings, w, outcome.withdraw)
+        state.record_withdrawn(base, w.user, w.mode, outcome.withdraw, outcome.dataset_version, run_id)
+        summary.add(adapter_key, base, "withdrawn")
+        summary.add(published_key, base, "withdrawn", deleted_versions=len(withdrawn.deleted_versions))
+        context.log.info(f"[{w.name}] withdrawn: {outcome.withdraw}; devices remove it at their next sync")
+        return "withdrawn"
+    plain = adapter_metadata(outcome.result, outcome.dataset_version, outcome.training)
+    gate = {"passed": outcome.gate.passed, **gate_metadata(outcome.gate)}
+    state.record_adapter(base, w.user, w.mode, trained_on=plain.get("dataset_version"), adapter_version=plain["sha256"],
+                         steps=plain.get("steps"), gate=gate, run_id=run_id,
+                         training={k: v for k, v in plain.items() if k not in ("loss_curve", "path")})
+    improvement = plain.get("eval_loss_improvement")
+    summary.add(adapter_key, base, "trained" if outcome.gate.passed else "gate_failed", plain["sha256"],
+                steps=plain.get("steps"), train_tokens=plain.get("train_tokens"), eval_loss_improvement=improvement,
+                size_bytes=plain.get("size_bytes"))
+    line = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
+    if not outcome.gate.passed:
+        context.log.warning(f"{line}; eval gate failed: {outcome.gate.reason}")
+        return "gate_failed"
+    context.log.info(line)
+    if publish_fn is None:
+        return "trained"
+    try:
+        published = publish_fn(w)
+    except Exception as exc:  # the drive is unreachable: lost work, requested again
+        summary.add(published_key, base, "publish_failed")
+        context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
+        return "publish_failed"
+    state.record_published(base, w.user, w.mode, published.version, run_id)
+    summary.add(published_key, base, "published", published.version, deleted_versions=len(published.deleted_versions))
+    context.log.info(f"[{w.name}] published {published.version} (flipped: {published.flipped})")
+    return "published"
+
+
+def latest_materialization(instance: DagsterInstance, key: AssetKey, partition: str | None = None):
+    """The newest materialization of an asset (partition), or None."""
+    from dagster import AssetRecordsFilter
+
     records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1
     ).records
     return records[0] if records else None
 
 
 def latest_materializations(instance: DagsterInstance, key: AssetKey, partitions: Sequence[str]) -> dict[str, Any]:
-    """Partition -> its latest materialization record, for many partitions in two indexed queries."""
+    """Partition -> its latest materialization record, for many partitions in two indexed queries
+    (the migration reads the per-user partitions of a deployment from before the state table)."""
+    from dagster import AssetRecordsFilter
+
     ids = instance.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION, set(partitions))
     if not ids:
         return {}
@@ -94,63 +224,6 @@ def latest_materializations(instance: DagsterInstance, key: AssetKey, partitions
     return {r.partition_key: r for r in records}
 
 
-def materialize(
-    context: OpExecutionContext,
-    key: AssetKey,
-    partition: str,
-    data_version: str,
-    metadata: Mapping[str, Any],
-    upstream: Sequence[tuple[AssetKey, Any]] = (),
-) -> None:
-    """Record a partition's materialization with the data-version tags asset execution adds.
-
-    ``upstream``: (asset key, its latest materialization record or None) per input partition;
-    callers fetch them in bulk with ``latest_materializations``.
-    """
-    provenance: dict[str, str] = {
-        DATA_VERSION_TAG: data_version,
-        DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
-        CODE_VERSION_TAG: context.run.run_id,
-    }
-    for input_key, record in upstream:
-        if record is not None:
-            upstream = record.asset_materialization.tags.get(DATA_VERSION_TAG)
-            if upstream:
-                provenance[get_input_data_version_tag(input_key)] = upstream
-                provenance[get_input_event_pointer_tag(input_key)] = str(record.storage_id)
-    context.log_event(
-        AssetMaterialization(key, partition=partition, metadata=dict(metadata), tags=provenance)
-    )
-
-
-def check(
-    context: OpExecutionContext,
-    key: AssetKey,
-    check_name: str,
-    partition: str,
-    passed: bool,
-    metadata: Mapping[str, Any],
-    target_record: Any,
-    description: str | None = None,
-) -> None:
-    """Record a blocking check's verdict on a partition, linked to the materialization it judged."""
-    record = target_record
-    target = (
-        AssetCheckEvaluationTargetMaterializationData(
-            storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
-        )
-        if record is not None
-        else None
-    )
-    context.log_event(
-        AssetCheckEvaluation(
-            asset_key=key,
-            check_name=check_name,
-            passed=passed,
-            metadata=dict(metadata),
-            partition=partition,
-            blocking=True,
-            description=description,
-            target_materialization_data=target,
-        )
-    )
+def mapping_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain values of a materialization's metadata (for tests and the CLI)."""
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}

@@ -10,7 +10,7 @@ import uuid
 
 from dagster import DagsterInstance
 
-from lora_assets.orchestration.partitions import base_model_partitions, users_partitions
+from lora_assets.orchestration.partitions import base_model_partitions
 
 RETIRED_KEY = "lora_assets/retired_base_models"
 BACKFILLS_KEY = "lora_assets/backfills"
@@ -40,7 +40,7 @@ def active_base_models(instance: DagsterInstance) -> list[str]:
     return [k for k in instance.get_dynamic_partitions(base_model_partitions.name) if k not in retired]
 
 
-def request_backfill(instance: DagsterInstance, base_model: str) -> str:
+def request_backfill(instance: DagsterInstance, settings, base_model: str) -> str:
     """Ask the adapter sensor to train every user's adapters on ``base_model``; returns its id.
 
     The sensor plans it page by page of users (only (user, mode) pairs with training data that
@@ -50,7 +50,7 @@ def request_backfill(instance: DagsterInstance, base_model: str) -> str:
         raise ValueError(f"base model {base_model!r} is not registered: run `lora-assets base-model add {base_model}`")
     if base_model in retired_base_models(instance):
         raise ValueError(f"base model {base_model!r} is retired: `lora-assets base-model add {base_model}` reactivates it")
-    if not instance.get_paginated_dynamic_partitions(users_partitions.name, limit=1, ascending=True).results:
+    if not settings.state().any_user():
         raise ValueError("no users registered yet: ingest some data first")
     backfill_id = f"{base_model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     requests = backfill_requests(instance)

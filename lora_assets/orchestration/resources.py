@@ -42,6 +42,8 @@ class LoraAssetsHome(ConfigurableResource):
     max_list_items: int | None = None
     max_depth: int | None = None
     staged_grace_s: float | None = None
+    state_url: str | None = Field(default=None, description="Per-user state table, a SQLAlchemy URL ($LORA_ASSETS_STATE_URL)")
+    history_retention_days: float | None = None
 
     def settings(self) -> Settings:
         return Settings.from_env(**{k: v for k, v in self.model_dump().items() if v is not None})
@@ -62,3 +64,6 @@ class LoraAssetsHome(ConfigurableResource):
 
     def feed(self):
         return self.settings().feed()
+
+    def state(self):
+        return self.settings().state()

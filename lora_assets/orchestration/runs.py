@@ -1,7 +1,7 @@
 """Runs launched from the CLI (the demo): the same batch jobs the sensors launch, in-process.
 
 Runs launched here show up in the UI's run list like any other, under their job's name, with
-their per-partition asset events.
+their per-asset summary events.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dagster import DagsterInstance, ExecuteInProcessResult
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.orchestration.batches import USERS_TAG, adapter_batch_job, dataset_batch_job
-from lora_assets.orchestration.partitions import base_model_partitions, users_partitions
+from lora_assets.orchestration.partitions import base_model_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.training.base_models import validate_base_model_key
 
@@ -21,15 +21,11 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 CLI_TAGS = {"lora_assets/launched_by": "cli"}
 
 
-def register_users(instance: DagsterInstance, users: Sequence[str]) -> list[str]:
-    """Add users as ``users`` partitions; returns the ones that were new."""
+def register_users(settings, users: Sequence[str]) -> list[str]:
+    """Add users to the state table's registry; returns the ones that were new."""
     for user in users:
         validate_user_id(user)
-    known = set(instance.get_existing_dynamic_partitions(users_partitions.name, list(users)))
-    new = [u for u in users if u not in known]
-    if new:
-        instance.add_dynamic_partitions(users_partitions.name, new)
-    return new
+    return settings.state().register(list(users))
 
 
 def register_base_model_partition(instance: DagsterInstance, key: str) -> bool:

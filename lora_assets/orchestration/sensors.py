@@ -1,8 +1,8 @@
 """Sensors: change feed -> dataset batch runs, and changed datasets -> adapter batch runs.
 
 Both do work proportional to what is pending, never to how many users exist: the change sensor
-reads feed events after its cursor; the adapter sensor reads dataset materializations after its
-cursor (an indexed storage-id range), the training runs still in the queue, and the runs that
+reads feed events after its cursor; the adapter sensor reads the state table's dataset changes
+after its cursor (an indexed id range), the training runs still in the queue, and the runs that
 failed since its last tick. Declarative automation (``AutomationCondition.eager()``) would do
 the adapter half too, but its tick evaluates every partition (~0.5 ms per user here, a minute
 per tick at 100k users), and it launches one run per partition.
@@ -29,8 +29,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from dagster import (
-    AssetRecordsFilter,
-    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -42,32 +40,25 @@ from dagster import (
     sensor,
 )
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, DagsterRun
-from dagster._core.storage.tags import WILL_RETRY_TAG
 
 from lora_assets.data.schemas import InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.modes import MODES, modes_reading
-from lora_assets.orchestration.assets import adapter_key, dataset_key, published_key
 from lora_assets.orchestration.batches import (
     ADAPTER_BATCH_JOB,
     DATASET_BATCH_JOB,
-    PERMANENT_FAILURES,
     USERS_TAG,
     adapter_batch_job,
     dataset_batch_job,
 )
-from lora_assets.orchestration.partitions import adapter_partition_key, users_partitions
-from lora_assets.orchestration.recording import latest_materializations
+from lora_assets.orchestration.reconcile import ATTEMPT_TAG, FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
-DATASET_BATCH = 1000  # dataset materializations per mode per tick
-FAILURES_PER_TICK = 100  # failed runs reconciled per tick
+DATASET_BATCH = 1000  # dataset changes per tick
 MAX_QUEUED_TRAINING_RUNS = 8  # backfills add runs only while fewer training runs are waiting
 SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "5"))
-DATA_VERSION_TAG = "dagster/data_version"
-ATTEMPT_TAG = "lora_assets/attempt"
 TRIGGER_TAG = "lora_assets/trigger"
 BACKFILL_TAG = "lora_assets/backfill"
 
@@ -89,52 +80,6 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- failed runs --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FailedBatch:
-    run: DagsterRun
-    permanent: frozenset[str]  # what the run reported as failures that will not go away
-    attempt: int
-    materialized: frozenset[tuple[str, str]]  # (asset key, partition) the run did record
-
-    def done(self, key, partition: str) -> bool:
-        return (key.to_user_string(), partition) in self.materialized
-
-
-def failed_batches(
-    instance: DagsterInstance, job_name: str, cursor: str | None
-) -> tuple[list[FailedBatch], str | None]:
-    """Batch runs of ``job_name`` that failed after ``cursor`` and that no retry will redo.
-
-    The cursor is a position in the event log's run-failure events; a new sensor starts at the
-    newest one, so only failures from then on are reconciled.
-    """
-    if cursor is None:
-        latest = instance.fetch_run_status_changes(DagsterEventType.RUN_FAILURE, limit=1, ascending=False)
-        return [], latest.cursor if latest.records else ""
-    records = instance.fetch_run_status_changes(
-        DagsterEventType.RUN_FAILURE, limit=FAILURES_PER_TICK, cursor=cursor or None, ascending=True
-    )
-    out = []
-    for record in records.records:
-        run = instance.get_run_by_id(record.run_id)
-        if run is None or run.job_name != job_name or run.tags.get(WILL_RETRY_TAG) == "true":
-            continue
-        permanent: list[str] = []
-        for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_FAILURE):
-            failure = entry.dagster_event.step_failure_data.user_failure_data
-            if failure is not None and PERMANENT_FAILURES in failure.metadata:
-                permanent.extend(json.loads(failure.metadata[PERMANENT_FAILURES].value))
-        materialized = {
-            (r.event_log_entry.dagster_event.asset_key.to_user_string(), r.event_log_entry.dagster_event.partition)
-            for r in instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
-        }
-        out.append(FailedBatch(run, frozenset(permanent), int(run.tags.get(ATTEMPT_TAG, "1")), frozenset(materialized)))
-    return out, records.cursor if records.records else cursor
 
 
 # --- change feed -> dataset batch runs ---------------------------------------------------------
@@ -188,10 +133,11 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     retries: list[tuple[FailedBatch, dict[str, set[str]]]] = []
     gone = forgotten_among(context.instance, {c["user"] for b in failed for c in _config(b.run, "rebuild_datasets")["users"]})
     for batch in failed:
+        built = settings.state().built_in_run(batch.run.run_id)
         lost = {
             c["user"]: set(c["sources"]) for c in _config(batch.run, "rebuild_datasets")["users"]
             if c["user"] not in batch.permanent and c["user"] not in gone
-            and not all(batch.done(dataset_key(m.name), c["user"]) for m in modes_reading(set(c["sources"])))
+            and not all((c["user"], m.name) in built for m in modes_reading(set(c["sources"])))
         }
         if lost and batch.attempt >= settings.max_attempts:
             context.log.error(f"dataset run {batch.run.run_id} failed on attempt {batch.attempt}: "
@@ -203,8 +149,9 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     if not changed and not retries:
         return SensorResult(skip_reason=SkipReason("no new change events"), cursor=cursor)
 
-    known = context.instance.get_existing_dynamic_partitions(users_partitions.name, sorted(changed))
-    new_users = sorted(set(changed) - set(known))  # one bounded query, however many users exist
+    new_users = settings.state().register(sorted(changed))  # one bounded query, however many users exist
+    if new_users:
+        context.log.info(f"registered {len(new_users)} new user(s)")
     tick = _digest(state["feed"])
     requests = [
         _dataset_request(users, changed, f"changes:{tick}:{i}", {TRIGGER_TAG: "change_feed"})
@@ -218,11 +165,7 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
         )
     for request in requests:
         context.log.info(f"dataset run {request.run_key}: {request.tags[USERS_TAG]}")
-    return SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[users_partitions.build_add_request(new_users)] if new_users else [],
-        cursor=cursor,
-    )
+    return SensorResult(run_requests=requests, cursor=cursor)
 
 
 def _dataset_request(users: Sequence[str], sources: dict[str, set[str]], run_key: str, tags: dict) -> RunRequest:
@@ -243,14 +186,9 @@ def _config(run: DagsterRun, op_name: str) -> dict:
 # --- changed datasets -> adapter batch runs ----------------------------------------------------
 
 
-def trained_versions(instance: DagsterInstance, mode: str, partitions: Sequence[str]) -> dict[str, str]:
-    """Partition -> the dataset version its latest adapter was trained on (two indexed queries)."""
-    out = {}
-    for partition, record in latest_materializations(instance, adapter_key(mode), partitions).items():
-        trained_on = record.asset_materialization.metadata.get("dataset_version")
-        if trained_on is not None:
-            out[partition] = trained_on.value
-    return out
+def trained_versions(settings, mode: str, base: str, users: Sequence[str]) -> dict[str, str]:
+    """user -> the dataset version their latest ``mode`` adapter on ``base`` was trained on."""
+    return {u: r["trained_on"] for u, r in settings.state().adapters_of(mode, base, users).items() if r["trained_on"]}
 
 
 @dataclass(frozen=True)
@@ -273,16 +211,6 @@ def in_flight(instance: DagsterInstance) -> InFlight:
         for r in runs
     )
     return InFlight(frozenset(items), len(runs), waiting)
-
-
-def adapter_is_current(instance: DagsterInstance, mode: str, partition: str, version: str) -> bool:
-    """True if the adapter was trained on (or a live batch run is training it on) this version."""
-    if trained_versions(instance, mode, [partition]).get(partition) == version:
-        return True
-    from lora_assets.orchestration.partitions import split_adapter_key
-
-    base, user = split_adapter_key(partition)
-    return (base, user, mode, version) in in_flight(instance).items
 
 
 @dataclass
@@ -335,34 +263,30 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     instance = context.instance
     settings = lora_home.settings()
     state = _load(context.cursor)
-    after: dict[str, int] = state.setdefault("datasets", {})
+    after: int = state.get("changes", 0)
     latest: dict[tuple[str, str], str] = {}  # (user, mode) -> newest dataset version this tick
     emptied: dict[tuple[str, str], str] = {}  # ... of datasets with no training example (left)
     run_finished: dict[str, bool] = {}
     flying = in_flight(instance)
     # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
     # they join the next batch when that run starts, instead of queueing runs of a few users.
-    for mode in MODES if not flying.waiting else ():
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=dataset_key(mode), after_storage_id=after.get(mode)),
-            limit=DATASET_BATCH,
-            ascending=True,
-        ).records
-        for record in records:
-            # Wait for the dataset run to finish, so all the datasets it rebuilds lead to one
-            # adapter run per batch rather than one per mode as they land.
-            if record.run_id not in run_finished:
-                run = instance.get_run_by_id(record.run_id)
-                run_finished[record.run_id] = run is None or run.is_finished
-            if not run_finished[record.run_id]:
-                break
-            after[mode] = record.storage_id
-            mat = record.asset_materialization
-            if not (record.partition_key and mat.tags.get(DATA_VERSION_TAG)):
-                continue
-            target = latest if _train_rows(mat) else emptied
-            (emptied if target is latest else latest).pop((record.partition_key, mode), None)
-            target[(record.partition_key, mode)] = mat.tags[DATA_VERSION_TAG]
+    for change in settings.state().changes_after(after, DATASET_BATCH) if not flying.waiting else ():
+        # Wait for the dataset run to finish, so all the datasets it rebuilds lead to one
+        # adapter run per batch rather than one per mode as they land.
+        run_id = change["run_id"]
+        if run_id not in run_finished:
+            run = instance.get_run_by_id(run_id) if run_id else None
+            run_finished[run_id] = run is None or run.is_finished
+        if not run_finished[run_id]:
+            break
+        after = change["id"]
+        if change["mode"] not in MODES:
+            continue
+        target = latest if change["train_rows"] else emptied
+        (emptied if target is latest else latest).pop((change["user"], change["mode"]), None)
+        target[(change["user"], change["mode"])] = change["version"]
+    state["changes"] = after
+    state.pop("datasets", None)  # the cursor of the event-log era (README: Scale, migration)
 
     bases = active_base_models(instance)
     failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
@@ -374,14 +298,13 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     def request(mode: str, versions: dict[tuple[str, str], str], only_if_trained: bool) -> None:
         """Request each user's adapter not yet trained (nor being trained) on their dataset version."""
         users = sorted(u for u, m in versions if m == mode and u not in gone)
-        for base in bases:
-            partitions = {str(adapter_partition_key(base, u)): u for u in users}
-            trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
-            for partition, user in partitions.items():
+        for base in bases if users else ():
+            trained = trained_versions(settings, mode, base, users)
+            for user in users:
                 version = versions[(user, mode)]
-                if only_if_trained and partition not in trained:
+                if only_if_trained and user not in trained:
                     continue
-                if trained.get(partition) != version and (base, user, mode, version) not in flying.items:
+                if trained.get(user) != version and (base, user, mode, version) not in flying.items:
                     pending.add(base, user, mode, version)
 
     for mode in MODES:
@@ -396,10 +319,10 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         config = _config(batch.run, "train_adapters")
         base = config["base_model"]
         lost = _Pending.empty()
+        finished = settings.state().finished_in_run(batch.run.run_id)
         for item in config["items"]:
-            partition = str(adapter_partition_key(base, item["user"]))
-            if (f"{item['mode']}|{partition}" in batch.permanent or batch.done(published_key(item["mode"]), partition)
-                    or item["user"] in gone):
+            if (f"{item['mode']}|{base}|{item['user']}" in batch.permanent
+                    or (base, item["user"], item["mode"]) in finished or item["user"] in gone):
                 continue
             lost.add(base, item["user"], item["mode"], item["dataset_version"])
         if not lost.items:
@@ -421,7 +344,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         if backfills.get(backfill_id) == "done":
             continue
         planned, backfills[backfill_id], skipped = plan_backfill_page(
-            instance, request["base_model"], backfills.get(backfill_id), room * settings.users_per_run, flying.items
+            settings, request["base_model"], backfills.get(backfill_id), room * settings.users_per_run, flying.items
         )
         if skipped:
             context.log.info(f"backfill {backfill_id}: skipped (no training data) {skipped}")
@@ -441,37 +364,24 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     return SensorResult(run_requests=requests, cursor=cursor)
 
 
-def _train_rows(materialization) -> int:
-    rows = materialization.metadata.get("train_rows")
-    return int(rows.value) if rows is not None else 0
-
-
 def plan_backfill_page(
-    instance: DagsterInstance, base: str, after: str | None, max_users: int, flying: set = frozenset()
+    settings, base: str, after: str | None, max_users: int, flying: set = frozenset()
 ) -> tuple[_Pending, str, dict[str, int]]:
     """The next page of a backfill: (user, mode)s with training data not yet trained on ``base``.
 
     Returns the work, the new position ("done" at the end) and, per mode, how many users of the
-    page were skipped for having no training data for it. Cost: one page of users plus two
-    indexed queries per mode, however many users exist.
+    page were skipped for having no training data for it. Cost: one indexed page of users plus
+    two indexed reads per mode, however many users exist.
     """
-    page = instance.event_log_storage.get_paginated_dynamic_partitions(
-        users_partitions.name, limit=max_users, ascending=True, cursor=after or None
-    )
+    state = settings.state()
+    users = state.user_page(after, max_users)
     pending, skipped = _Pending.empty(), {}
-    users = list(page.results)
     for mode in MODES:
-        with_data = {
-            u: r.asset_materialization.tags[DATA_VERSION_TAG]
-            for u, r in latest_materializations(instance, dataset_key(mode), users).items()
-            if _train_rows(r.asset_materialization) and DATA_VERSION_TAG in r.asset_materialization.tags
-        }
+        with_data = {u: r["version"] for u, r in state.datasets_of(mode, users).items() if r["train_rows"]}
         skipped[mode] = len(users) - len(with_data)
-        partitions = {str(adapter_partition_key(base, u)): u for u in with_data}
-        trained = trained_versions(instance, mode, list(partitions)) if partitions else {}
-        for partition, user in partitions.items():
-            version = with_data[user]
-            if trained.get(partition) != version and (base, user, mode, version) not in flying:
+        trained = trained_versions(settings, mode, base, list(with_data))
+        for user, version in with_data.items():
+            if trained.get(user) != version and (base, user, mode, version) not in flying:
                 pending.add(base, user, mode, version)
-    position = page.cursor if page.has_more else "done"
+    position = users[-1] if len(users) == max_users else "done"
     return pending, position, {m: n for m, n in skipped.items() if n}

@@ -1,10 +1,10 @@
 """Who is fresh: per base model x user x mode, the dataset, the adapter, its gate and what is
 published, and whether the adapter is current with the data (``lora-assets status``).
 
-Everything comes from indexed reads of the Dagster instance: the latest materialization per
-partition (two queries per asset and page of users), the latest gate verdict per partition, the
-live adapter runs (bounded by the queue) and the latest failed runs (bounded). Asking for one
-user costs the same with 1,000 or 1,000,000 registered users.
+Everything comes from the per-user state table (``lora_assets.state``): one user is a few
+indexed reads, a whole mode one aggregate query for the counts by state and one indexed page of
+users; plus the live adapter runs (bounded by the queue) and, for one user, the latest failed
+runs (bounded). Neither grows with the number of registered users beyond the aggregate itself.
 
 The JSON form (``--json``) is a stable interface, ``STATUS_SCHEMA`` version 1: keys are only ever
 added, never renamed or removed.
@@ -17,17 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dagster import AssetCheckKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
-from dagster._core.storage.event_log.base import PartitionKeyFilter
 
 from lora_assets.modes import MODES
-from lora_assets.orchestration.assets import GATE_CHECK, adapter_key, dataset_key, published_key
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, batch_users
-from lora_assets.orchestration.partitions import adapter_partition_key, users_partitions
-from lora_assets.orchestration.recording import latest_materializations
 from lora_assets.orchestration.registry import active_base_models
+from lora_assets.state import REASONS
+from lora_assets.state import why as state_words
 
 STATUS_SCHEMA = 1
 PAGE = 256  # users per page of indexed reads
@@ -76,10 +73,18 @@ class StatusReport:
     pending_events: int | None
     dead_letters: int | None
     live_runs: int
+    summaries: list[ModeSummary] = field(default_factory=list)  # per mode x base model, when not one user
+    next_after: dict[str, str] = field(default_factory=dict)  # "mode|base" -> the user the next page starts after
     generated_at: float = field(default_factory=time.time)
 
     def totals(self) -> dict[str, int]:
+        """Adapters by state: of every user when summarised, else of the rows listed."""
         out = {s: 0 for s in (FRESH, UPDATING, STALE, NO_DATA, WITHDRAWN)}
+        if self.summaries:
+            for summary in self.summaries:
+                for state, n in summary.counts.items():
+                    out[state] += n
+            return out
         for a in self.adapters:
             out[a.state] += 1
         return out
@@ -91,26 +96,10 @@ class StatusReport:
             "feed": {"pending_events": self.pending_events, "dead_letters": self.dead_letters},
             "live_adapter_runs": self.live_runs,
             "totals": self.totals(),
+            "summary": [asdict(s) for s in self.summaries],
+            "next_after": self.next_after,
             "adapters": [asdict(a) for a in self.adapters],
         }
-
-
-def _value(materialization, name: str) -> Any:
-    entry = materialization.metadata.get(name)
-    return entry.value if entry is not None else None
-
-
-def _latest_gate(instance: DagsterInstance, mode: str, partition: str) -> Gate | None:
-    history = instance.event_log_storage.get_asset_check_execution_history(
-        AssetCheckKey(adapter_key(mode), GATE_CHECK), limit=1, partition_filter=PartitionKeyFilter(key=partition),
-        status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
-    )
-    for record in history:  # planned ones (in flight, or never evaluated) are skipped by the query
-            evaluation = record.event.dagster_event.event_specific_data
-            meta = {k: v.value for k, v in evaluation.metadata.items()}
-            return Gate(evaluation.passed, str(meta.get("reason", "")), meta.get("base_eval_loss"),
-                        meta.get("adapter_eval_loss"), meta.get("published_eval_loss"), record.event.timestamp)
-    return None
 
 
 def _failures(instance: DagsterInstance, users: set[str]) -> dict[str, dict[str, Any]]:
@@ -143,98 +132,96 @@ def live_adapter_runs(instance: DagsterInstance) -> dict[tuple[str, str, str], s
     return flying
 
 
-def adapter_status(
-    instance: DagsterInstance,
-    users: Sequence[str],
-    modes: Sequence[str],
-    bases: Sequence[str],
-    flying_runs: dict[tuple[str, str, str], str],
-    failures: bool = True,
-) -> list[AdapterStatus]:
-    """The status of each (base model, user, mode), users in the given order."""
-    failed = _failures(instance, set(users)) if failures else {}
-    rows: list[AdapterStatus] = []
-    for mode in modes:
-        datasets = latest_materializations(instance, dataset_key(mode), users)
-        for base in bases:
-            partitions = {str(adapter_partition_key(base, u)): u for u in users}
-            adapters = latest_materializations(instance, adapter_key(mode), list(partitions))
-            published = latest_materializations(instance, published_key(mode), list(partitions))
-            for partition, user in partitions.items():
-                rows.append(_row(instance, base, user, mode, partition, datasets.get(user), adapters.get(partition),
-                                 published.get(partition), flying_runs.get((base, user, mode)), failed.get(user)))
-    order = {u: i for i, u in enumerate(users)}
-    rows.sort(key=lambda r: (order[r.user], r.base_model, r.mode))
-    return rows
+def _gate(row: dict[str, Any]) -> Gate | None:
+    if row.get("adapter_version") is None or row.get("gate_passed") is None:
+        return None
+    return Gate(bool(row["gate_passed"]), row.get("gate_reason") or "", row.get("base_eval_loss"),
+                row.get("adapter_eval_loss"), row.get("published_eval_loss"), row.get("adapter_at"))
 
 
-def _row(instance, base, user, mode, partition, dataset, adapter, published, run_id, failure) -> AdapterStatus:
-    row = AdapterStatus(base, user, mode, STALE, "", run_in_flight=run_id, last_failure=failure)
-    if dataset is not None:
-        row.dataset_version = dataset.asset_materialization.tags.get("dagster/data_version")
-        row.train_rows = _value(dataset.asset_materialization, "train_rows")
-    if adapter is not None:
-        mat = adapter.asset_materialization
-        row.trained_on = _value(mat, "dataset_version")
-        row.adapter_version = None if _value(mat, "withdrawn") else mat.tags.get("dagster/data_version")
-        row.adapter_at = adapter.timestamp
-    if published is not None:
-        version = _value(published.asset_materialization, "version")
-        row.published_version = None if version == "withdrawn" else version
-        row.published_at = published.timestamp
-    if adapter is not None and row.adapter_version:
-        row.gate = _latest_gate(instance, mode, partition)
-
-    withdrawn_last = published is not None and row.published_version is None and (
-        adapter is None or row.adapter_version is None or published.storage_id > adapter.storage_id
+def to_status(base: str, mode: str, row: dict[str, Any], run_id: str | None = None,
+              failure: dict[str, Any] | None = None) -> AdapterStatus:
+    """A state-table row (``lora_assets.state.ROW_COLUMNS``) as ``status`` shows it."""
+    state, why = state_words(row)
+    out = AdapterStatus(
+        base, row["user"], mode, state, why, dataset_version=row.get("dataset_version"),
+        train_rows=row.get("train_rows"), trained_on=row.get("trained_on"),
+        adapter_version=row.get("adapter_version"), adapter_at=row.get("adapter_at"),
+        published_version=row.get("published_version"), published_at=row.get("published_at"),
+        gate=_gate(row), run_in_flight=run_id, last_failure=failure,
     )
-    if withdrawn_last:
-        row.state, row.why = WITHDRAWN, "its data was deleted; the adapter was removed from the drive"
-        if dataset is not None and row.train_rows and row.trained_on != row.dataset_version:
-            row.state, row.why = STALE, "withdrawn earlier; new data since"
-    elif dataset is None:
-        row.state, row.why = NO_DATA, "no dataset built yet"
-    elif not row.train_rows and adapter is None:
-        row.state, row.why = NO_DATA, "the dataset has no training example"
-    elif adapter is None:
-        row.why = "never trained"
-    elif row.trained_on != row.dataset_version:
-        row.why = f"dataset changed since training (now {row.dataset_version}, trained on {row.trained_on})"
-    elif row.gate is not None and not row.gate.passed:
-        row.why = f"eval gate failed: {row.gate.reason}; devices keep {row.published_version or 'nothing'}"
-    elif published is None or published.storage_id < adapter.storage_id:
-        row.why = "trained and gated, not published yet"
-    else:
-        row.state, row.why = FRESH, "published adapter trained on the current dataset"
-    if row.state == STALE and run_id:
-        row.state, row.why = UPDATING, f"{row.why}; run {run_id} is training it"
-    return row
+    if out.state == STALE and run_id:
+        out.state, out.why = UPDATING, f"{out.why}; run {run_id} is training it"
+    return out
 
 
-def iter_users(instance: DagsterInstance, user: str | None) -> Iterator[list[str]]:
-    """Pages of registered users (just ``user`` when given)."""
-    if user is not None:
-        yield [user]
-        return
-    users = instance.get_dynamic_partitions(users_partitions.name)
-    for start in range(0, len(users), PAGE):
-        yield users[start : start + PAGE]
+def user_status(settings, instance: DagsterInstance, user: str, modes: Sequence[str], bases: Sequence[str],
+                flying: dict[tuple[str, str, str], str]) -> list[AdapterStatus]:
+    """Every (base model, mode) of one user: a few indexed reads, whatever the number of users."""
+    state = settings.state()
+    failure = _failures(instance, {user}).get(user)
+    out = []
+    for mode in modes:
+        for base in bases:
+            row = state.rows(mode, base, [user]).get(user) or {"user": user, "reason": "no_dataset"}
+            out.append(to_status(base, mode, row, flying.get((base, user, mode)), failure))
+    return out
 
 
+@dataclass
+class ModeSummary:
+    mode: str
+    base_model: str
+    counts: dict[str, int]  # state -> users
+
+
+def mode_summary(settings, mode: str, base: str, flying: dict[tuple[str, str, str], str]) -> ModeSummary:
+    """Counts by state of one mode on one base model: one aggregate query, plus one indexed read
+    of the adapters in flight (bounded by the run queue) to tell updating from stale."""
+    state = settings.state()
+    counts = {s: 0 for s in (FRESH, UPDATING, STALE, NO_DATA, WITHDRAWN)}
+    for reason, n in state.counts(mode, base).items():
+        counts[REASONS[reason][0]] += n
+    in_flight = [u for (b, u, m) in flying if b == base and m == mode]
+    for row in state.rows(mode, base, in_flight).values():
+        if state_words(row)[0] == STALE:
+            counts[STALE] -= 1
+            counts[UPDATING] += 1
+    return ModeSummary(mode, base, counts)
 def status(
     instance: DagsterInstance,
+    settings,
     feed=None,
     user: str | None = None,
     mode: str | None = None,
     base_model: str | None = None,
+    after: str | None = None,
+    limit: int = PAGE,
+    states: Sequence[str] | None = None,
 ) -> StatusReport:
-    """The report ``lora-assets status`` prints; ``feed`` (optional) adds pending events and dead letters."""
+    """The report ``lora-assets status`` prints; ``feed`` (optional) adds pending events and dead letters.
+
+    One user: every (base model, mode) of theirs. Otherwise: per mode and base model, counts by
+    state and one page of ``limit`` users after ``after`` (only ``states`` if given).
+    """
     modes = [mode] if mode else list(MODES)
     bases = [base_model] if base_model else active_base_models(instance)
-    flying = live_adapter_runs(instance)  # read once for every page
-    rows: list[AdapterStatus] = []
-    for page in iter_users(instance, user):
-        rows.extend(adapter_status(instance, page, modes, bases, flying, failures=user is not None))
+    flying = live_adapter_runs(instance)  # read once: bounded by the run queue
+    summaries: list[ModeSummary] = []
+    next_after: dict[str, str] = {}
+    if user is not None:
+        rows = user_status(settings, instance, user, modes, bases, flying)
+    else:
+        rows = []
+        for m in modes:
+            for base in bases:
+                summaries.append(mode_summary(settings, m, base, flying))
+                wanted = None if states is None else set(states) | ({STALE} if UPDATING in states else set())
+                page = settings.state().page(m, base, after, limit, wanted)
+                shown = [to_status(base, m, r, flying.get((base, r["user"], m))) for r in page.rows]
+                rows.extend(r for r in shown if states is None or r.state in states)
+                if page.next_after:
+                    next_after[f"{m}|{base}"] = page.next_after
     pending = feed.pending_count() if feed is not None else None
     dead = len(feed.dead_letters()) if feed is not None else None
-    return StatusReport(rows, pending, dead, len(set(flying.values())))
+    return StatusReport(rows, pending, dead, len(set(flying.values())), summaries=summaries, next_after=next_after)

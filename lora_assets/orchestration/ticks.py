@@ -1,6 +1,6 @@
 """Evaluate one sensor tick the way the daemon does, in this process.
 
-Used by the sensor tests, the scale-out tests and ``benchmarks/sensor_scale.py``; also handy
+Used by the sensor tests, the scale-out tests and ``benchmarks/scale.py``; also handy
 for debugging a sensor against a real instance without running the daemon.
 """
 
