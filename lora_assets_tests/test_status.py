@@ -59,6 +59,7 @@ def test_status_tells_fresh_stale_updating_and_no_data_apart_with_the_reason(dep
     assert fresh["state"] == "fresh" and fresh["published_version"] == pointer["version"]
     assert fresh["trained_on"] == fresh["dataset_version"] and fresh["gate"]["passed"] is True
     assert fresh["gate"]["adapter_eval_loss"] < fresh["gate"]["base_eval_loss"]
+    assert fresh["training"]["steps"] == 3 and fresh["training"]["training"] == "full"  # how, for a developer
     assert mine[("alice", "search_suggest")]["state"] == "stale"
     assert mine[("alice", "search_suggest")]["why"] == "never trained"
     assert mine[("alice", "message_reply")]["state"] == "no_data"  # contacts, but no messages
@@ -110,4 +111,14 @@ def test_status_of_every_user_and_bad_arguments(deployment, capsys):
     assert "user 'carol' is not registered" in capsys.readouterr().err
     assert main(["status", "--mode", "haiku"]) == 2
     assert "unknown mode 'haiku'" in capsys.readouterr().err
+    # Paging: counts for everyone, one user per page, and where to go on.
+    first = status_json(capsys, "--mode", "search_suggest", "--base-model", "tiny-llama", "--limit", "1")
+    assert [a["user"] for a in first["adapters"]] == ["alice"] and first["totals"]["stale"] == 2
+    assert first["summary"] == [{"mode": "search_suggest", "base_model": "tiny-llama",
+                                 "counts": {"fresh": 0, "updating": 0, "stale": 2, "no_data": 0, "withdrawn": 0}}]
+    assert first["next_after"] == {"search_suggest|tiny-llama": "alice"}
+    second = status_json(capsys, "--mode", "search_suggest", "--base-model", "tiny-llama", "--limit", "1",
+                         "--after", "alice")
+    assert [a["user"] for a in second["adapters"]] == ["bob"] and second["next_after"] == {}
+    assert status_json(capsys, "--mode", "search_suggest", "--state", "fresh")["adapters"] == []
     assert Path(res.home).is_dir()

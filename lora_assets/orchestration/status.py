@@ -13,7 +13,7 @@ added, never renamed or removed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from lora_assets.state import REASONS
 from lora_assets.state import why as state_words
 
 STATUS_SCHEMA = 1
-PAGE = 256  # users per page of indexed reads
+PAGE = 256  # users listed per mode and base model (the CLI asks for 50)
 FAILED_RUNS_SCANNED = 200  # the newest failed batch runs searched for a user's last failure
 
 # States, from best to worst.
@@ -65,6 +65,7 @@ class AdapterStatus:
     gate: Gate | None = None
     run_in_flight: str | None = None
     last_failure: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None  # with --user: how it was trained (steps, timings, path, examples)
 
 
 @dataclass
@@ -165,6 +166,7 @@ def user_status(settings, instance: DagsterInstance, user: str, modes: Sequence[
         for base in bases:
             row = state.rows(mode, base, [user]).get(user) or {"user": user, "reason": "no_dataset"}
             out.append(to_status(base, mode, row, flying.get((base, user, mode)), failure))
+            out[-1].training = state.training(base, user, mode)
     return out
 
 
