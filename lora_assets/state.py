@@ -17,6 +17,7 @@ alike; ``REASONS`` maps each reason to the state ``status`` shows and its words.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -27,6 +28,7 @@ from typing import Any
 import sqlalchemy as db
 
 metadata = db.MetaData()
+SCAN_WORK_MEM = "256MB"  # per whole-mode query on Postgres (see StateStore._scanning)
 
 users = db.Table(
     "lora_users", metadata,
@@ -342,13 +344,23 @@ class StateStore:
     def page(self, mode: str, base: str, after: str | None = None, limit: int = 100,
              states: Iterable[str] | None = None) -> Page:
         """Rows of ``mode`` on ``base`` in user order, after ``after``; only ``states`` if given."""
+        if states is None:  # an index range of users, then their rows: never a join over the mode
+            ids = db.select(datasets.c.user).where(datasets.c.mode == mode)
+            if after is not None:
+                ids = ids.where(datasets.c.user > after)
+            with self.engine.connect() as conn:
+                names = [r[0] for r in conn.execute(ids.order_by(datasets.c.user).limit(limit + 1))]
+            found = self.rows(mode, base, names)
+            ordered = [found[u] for u in names if u in found]
+            more = len(ordered) > limit
+            return Page(ordered[:limit], ordered[limit - 1]["user"] if more else None)
         query = self._select(mode, base)
         if after is not None:
             query = query.where(d.c.user > after)
         if states is not None:
             reasons = [r for r, (s, _w) in REASONS.items() if s in set(states)]
             query = query.where(REASON.in_(reasons))
-        with self.engine.connect() as conn:
+        with self._scanning() as conn:
             found = [dict(r._mapping) for r in conn.execute(query.order_by(d.c.user).limit(limit + 1))]
         more = len(found) > limit
         return Page(found[:limit], found[limit - 1]["user"] if more else None)
@@ -357,8 +369,18 @@ class StateStore:
         """reason -> how many users of ``mode`` on ``base`` (one aggregate query)."""
         joined = d.outerjoin(a, db.and_(a.c.mode == d.c.mode, a.c.user == d.c.user, a.c.base_model == base))
         query = db.select(REASON, db.func.count()).select_from(joined).where(d.c.mode == mode).group_by(REASON)
-        with self.engine.connect() as conn:
+        with self._scanning() as conn:
             return {reason: n for reason, n in conn.execute(query)}
+
+    @contextlib.contextmanager
+    def _scanning(self):
+        """A read transaction for the queries over a whole mode: on Postgres with memory enough
+        to hash-join a mode's million rows without spilling to disk (the default work_mem,
+        4 MB, made the join write temporary files)."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(db.text(f"SET LOCAL work_mem = '{SCAN_WORK_MEM}'"))
+            yield conn
 
     def history(self, user: str, mode: str | None = None, base: str | None = None, limit: int = 50) -> list[dict]:
         """The newest ``limit`` history rows of ``user``, newest first."""

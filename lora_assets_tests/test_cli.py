@@ -35,7 +35,7 @@ def test_demo_trains_through_dagster_and_generate_uses_the_adapter(cli_env):
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line.split() for line in done.stdout.splitlines() if line.startswith("user-000")]
     assert table and table[0][:3] == ["user-000", "search_suggest", "tiny-llama"]
-    assert "step 3/3" in done.stderr  # per-adapter progress
+    assert "[tiny-llama|user-000/search_suggest] 3 steps, eval loss" in done.stderr  # per-adapter outcome
 
     os.environ["DAGSTER_HOME"] = cli_env["DAGSTER_HOME"]
     instance = DagsterInstance.get()

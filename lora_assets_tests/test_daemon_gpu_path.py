@@ -42,7 +42,8 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
     # The run's log in order: the small user's adapter is published while the large user's
     # training is still logging steps.
     log = daemon.instance.all_logs(run.run_id)
-    small_published = next(i for i, e in enumerate(log) if e.user_message.startswith("[tiny-llama|small/mail_reply] published"))
+    small_published = next(i for i, e in enumerate(log) if e.user_message.startswith("[tiny-llama|small/mail_reply] ")
+                           and "; published " in e.user_message)
     large_steps = [i for i, e in enumerate(log) if e.user_message.startswith("[large/mail_reply] step")]
     assert large_steps and large_steps[-1] > small_published, "the small user waited for the large user's training"
 

@@ -26,10 +26,11 @@ def published_key(mode: str) -> AssetKey:
 
 
 def progress_logger(context, every: int = 10):
-    """Training progress as log lines: every ``every`` steps and the last one, per job."""
+    """Training progress as log lines, every ``every`` steps of a job but the last: the outcome
+    line that follows says how it ended (each log line is an event-log row, README: Scale)."""
 
     def progress(job: str, step: int, total: int, loss: float, tps: float) -> None:
-        if step == total or step % every == 0:
+        if step % every == 0 and step != total:
             context.log.info(f"[{job}] step {step}/{total} loss {loss:.4f} {tps:.0f} tok/s")
 
     return progress

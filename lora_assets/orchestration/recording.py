@@ -185,18 +185,18 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     if not outcome.gate.passed:
         context.log.warning(f"{line}; eval gate failed: {outcome.gate.reason}")
         return "gate_failed"
-    context.log.info(line)
     if publish_fn is None:
+        context.log.info(line)
         return "trained"
     try:
         published = publish_fn(w)
     except Exception as exc:  # the drive is unreachable: lost work, requested again
         summary.add(published_key, base, "publish_failed")
-        context.log.error(f"[{w.name}] not published ({type(exc).__name__}): {exc}")
+        context.log.error(f"{line}; not published ({type(exc).__name__}): {exc}")
         return "publish_failed"
     state.record_published(base, w.user, w.mode, published.version, run_id)
     summary.add(published_key, base, "published", published.version, deleted_versions=len(published.deleted_versions))
-    context.log.info(f"[{w.name}] published {published.version} (flipped: {published.flipped})")
+    context.log.info(f"{line}; published {published.version} (flipped: {published.flipped})")  # one line per adapter
     return "published"
 
 
