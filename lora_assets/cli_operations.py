@@ -70,20 +70,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from lora_assets.orchestration.instance import get_instance
     from lora_assets.orchestration.status import FRESH, status
     from lora_assets.settings import Settings
+    from lora_assets.state import STATES
 
-    instance = get_instance()
+    instance, settings = get_instance(), Settings.from_env()
     if args.user is not None:
         validate_user_id(args.user)
-        if not Settings.from_env().state().is_registered(args.user):
+        if not settings.state().is_registered(args.user):
             print(f"error: user {args.user!r} is not registered (nothing ingested for them, or forgotten)", file=sys.stderr)
             return 2
     if args.mode is not None and args.mode not in MODES:
         print(f"error: unknown mode {args.mode!r}; modes: {', '.join(MODES)}", file=sys.stderr)
         return 2
-    settings = Settings.from_env()
     states = args.state.split(",") if args.state else None
-    from lora_assets.state import STATES
-
     if states and (bad := [s for s in states if s not in STATES]):
         print(f"error: unknown state {bad[0]!r}; states: {', '.join(STATES)}", file=sys.stderr)
         return 2

@@ -146,6 +146,12 @@ class Page:
     next_after: str | None  # the user to continue after; None on the last page
 
 
+def _cut(found: list[dict[str, Any]], limit: int) -> Page:
+    """A page from up to ``limit + 1`` rows in user order: the extra one says there are more."""
+    more = len(found) > limit
+    return Page(found[:limit], found[limit - 1]["user"] if more else None)
+
+
 def why(row: dict[str, Any]) -> tuple[str, str]:
     """(state, why in words) of a row read with ``ROW_COLUMNS``."""
     state, words = REASONS[row["reason"]]
@@ -202,14 +208,17 @@ class StateStore:
             self._upsert(conn, datasets, {"mode": mode, "user": user},
                          {"version": version, "rows": rows, "train_rows": train_rows, "built_at": at, "run_id": run_id})
             if announce:
-                conn.execute(dataset_changes.insert().values(user=user, mode=mode, version=version,
-                                                             train_rows=train_rows, run_id=run_id, at=at))
+                self._announce(conn, user, mode, version, train_rows, run_id, at)
 
     def announce(self, user: str, mode: str, version: str, train_rows: int, run_id: str | None = None) -> None:
         """Add a dataset version to the changes the adapter sensor reads (without rebuilding it)."""
         with self.engine.begin() as conn:
-            conn.execute(dataset_changes.insert().values(user=user, mode=mode, version=version, train_rows=train_rows,
-                                                         run_id=run_id, at=time.time()))
+            self._announce(conn, user, mode, version, train_rows, run_id, time.time())
+
+    def _announce(self, conn, user: str, mode: str, version: str, train_rows: int, run_id: str | None,
+                  at: float) -> None:
+        conn.execute(dataset_changes.insert().values(user=user, mode=mode, version=version, train_rows=train_rows,
+                                                     run_id=run_id, at=at))
 
     def record_adapter(self, base: str, user: str, mode: str, *, trained_on: str | None, adapter_version: str,
                        steps: int | None, training: dict[str, Any], gate: dict[str, Any], run_id: str | None,
@@ -324,14 +333,18 @@ class StateStore:
             return {tuple(r) for r in conn.execute(query)}
 
     def built_in_run(self, run_id: str) -> set[tuple[str, str]]:
-        """(user, mode)s whose dataset a run built (as long as no later run rebuilt it)."""
+        """(user, mode)s whose dataset a run built (an indexed read of the build log)."""
         query = db.select(dataset_changes.c.user, dataset_changes.c.mode).where(dataset_changes.c.run_id == run_id)
         with self.engine.connect() as conn:
             return {tuple(r) for r in conn.execute(query)}
 
+    @staticmethod
+    def _joined(base: str):
+        """A mode's datasets with their adapter on ``base`` (none: never trained there)."""
+        return d.outerjoin(a, db.and_(a.c.mode == d.c.mode, a.c.user == d.c.user, a.c.base_model == base))
+
     def _select(self, mode: str, base: str):
-        joined = d.outerjoin(a, db.and_(a.c.mode == d.c.mode, a.c.user == d.c.user, a.c.base_model == base))
-        return db.select(*ROW_COLUMNS).select_from(joined).where(d.c.mode == mode)
+        return db.select(*ROW_COLUMNS).select_from(self._joined(base)).where(d.c.mode == mode)
 
     def rows(self, mode: str, base: str, users: Sequence[str]) -> dict[str, dict[str, Any]]:
         """user -> their row, for the users that have a dataset of ``mode``."""
@@ -351,24 +364,17 @@ class StateStore:
             with self.engine.connect() as conn:
                 names = [r[0] for r in conn.execute(ids.order_by(datasets.c.user).limit(limit + 1))]
             found = self.rows(mode, base, names)
-            ordered = [found[u] for u in names if u in found]
-            more = len(ordered) > limit
-            return Page(ordered[:limit], ordered[limit - 1]["user"] if more else None)
-        query = self._select(mode, base)
+            return _cut([found[u] for u in names if u in found], limit)
+        reasons = [r for r, (s, _w) in REASONS.items() if s in set(states)]
+        query = self._select(mode, base).where(REASON.in_(reasons))
         if after is not None:
             query = query.where(d.c.user > after)
-        if states is not None:
-            reasons = [r for r, (s, _w) in REASONS.items() if s in set(states)]
-            query = query.where(REASON.in_(reasons))
         with self._scanning() as conn:
-            found = [dict(r._mapping) for r in conn.execute(query.order_by(d.c.user).limit(limit + 1))]
-        more = len(found) > limit
-        return Page(found[:limit], found[limit - 1]["user"] if more else None)
+            return _cut([dict(r._mapping) for r in conn.execute(query.order_by(d.c.user).limit(limit + 1))], limit)
 
     def counts(self, mode: str, base: str) -> dict[str, int]:
         """reason -> how many users of ``mode`` on ``base`` (one aggregate query)."""
-        joined = d.outerjoin(a, db.and_(a.c.mode == d.c.mode, a.c.user == d.c.user, a.c.base_model == base))
-        query = db.select(REASON, db.func.count()).select_from(joined).where(d.c.mode == mode).group_by(REASON)
+        query = db.select(REASON, db.func.count()).select_from(self._joined(base)).where(d.c.mode == mode).group_by(REASON)
         with self._scanning() as conn:
             return {reason: n for reason, n in conn.execute(query)}
 

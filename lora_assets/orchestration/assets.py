@@ -202,13 +202,13 @@ def build_published_asset(mode: Mode) -> AssetsDefinition:
         while True:
             page = state.page(mode.name, base, after, PAGE, ["stale"])
             for row in (r for r in page.rows if r["reason"] == "not_published"):
-                published = publish(settings, AdapterWork(base, row["user"], mode.name))
+                work = AdapterWork(base, row["user"], mode.name)
+                published = publish(settings, work)
                 if published is None:  # no passed working copy here any more: the sensors retrain it
                     summary.add(key, base, "not_found")
                     continue
-                state.record_published(base, row["user"], mode.name, published.version, context.run.run_id)
-                summary.add(key, base, "published", published.version)
-                context.log.info(f"[{base}|{row['user']}/{mode.name}] published {published.version}")
+                recording.record_published(context, settings, summary, work, published)
+                context.log.info(f"[{work.name}] published {published.version}")
             if page.next_after is None:
                 break
             after = page.next_after

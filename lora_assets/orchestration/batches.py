@@ -161,7 +161,7 @@ def train_and_record(context, settings, base_model: str, works: list[AdapterWork
 
     def record(outcome: AdapterOutcome) -> None:
         w = outcome.work
-        what = recording.record_outcome(context, settings, summary, outcome, (adapter_key(w.mode), published_key(w.mode)),
+        what = recording.record_outcome(context, settings, summary, outcome,
                                         (lambda work: publish(settings, work)) if publish_here else None)
         label = f"{w.mode}|{w.base_model}|{w.user}"
         if what in ("not_trained", "gate_failed"):

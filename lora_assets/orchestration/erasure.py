@@ -144,6 +144,11 @@ def _only_user(run: DagsterRun, user: str) -> bool:
     return users == {user} if users is not None else _lists_user(run, user)
 
 
+def _names_user(event: str, user: str) -> bool:
+    """Exactly, case-sensitively: SQL LIKE only preselects."""
+    return any(m in event for m in _log_markers(user))
+
+
 def _naming(user: str):
     E = SqlEventLogStorageTable
     mentions = db.or_(*(E.c.event.like(_like(m), escape="\\") for m in _log_markers(user)))
@@ -160,7 +165,7 @@ def _delete_rows(storage, run_id: str, user: str) -> int:
     for connection in (storage.index_connection(), storage.run_connection(run_id)):
         with connection as conn:
             rows = conn.execute(db.select(E.c.id, E.c.event).where(condition))
-            ids = [i for i, event in rows if any(m in event for m in _log_markers(user))]
+            ids = [i for i, event in rows if _names_user(event, user)]
             for start in range(0, len(ids), 500):
                 total += conn.execute(E.delete().where(E.c.id.in_(ids[start : start + 500]))).rowcount
     return total
@@ -172,5 +177,5 @@ def _remaining_records(instance: DagsterInstance, user: str, run_ids: set[str]) 
         return []
     with instance.event_log_storage.index_connection() as conn:
         rows = conn.execute(db.select(E.c.event).where(db.and_(E.c.run_id.in_(sorted(run_ids)), _naming(user))))
-        n = sum(any(m in event for m in _log_markers(user)) for (event,) in rows)
+        n = sum(_names_user(event, user) for (event,) in rows)
     return [f"{n} event-log lines naming the user"] if n else []

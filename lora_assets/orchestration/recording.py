@@ -31,6 +31,8 @@ from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED
 from dagster._core.definitions.partitions.definition import PartitionsDefinition
 from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent, DagsterEventType
 
+from lora_assets.orchestration.keys import adapter_key, published_key
+
 Slot = tuple[AssetKey, str | None]  # an asset and its partition (a base model) or None
 
 
@@ -143,11 +145,18 @@ def record_dataset(context: OpExecutionContext, settings, summary: Summary, key:
                 changed_records=refreshed.report.changed_records, skipped_records=len(refreshed.report.skipped))
 
 
-def record_outcome(context: OpExecutionContext, settings, summary: Summary, outcome, keys, publish_fn) -> str:
+def record_published(context: OpExecutionContext, settings, summary: Summary, work, published) -> None:
+    """A publication (a ``PublishResult``): the user's row and history, and the run's count."""
+    settings.state().record_published(work.base_model, work.user, work.mode, published.version, context.run.run_id)
+    summary.add(published_key(work.mode), work.base_model, "published", published.version,
+                deleted_versions=len(published.deleted_versions))
+
+
+def record_outcome(context: OpExecutionContext, settings, summary: Summary, outcome, publish_fn) -> str:
     """Record one adapter's outcome as soon as its gate is known, and publish it if it passed.
 
-    ``keys``: (adapter key, published key) of its mode; ``publish_fn(work)`` publishes and
-    returns the ``PublishResult`` (None: leave publication to the run's ``published`` step).
+    ``publish_fn(work)`` publishes and returns the ``PublishResult`` (None: leave publication
+    to the run's ``published`` step).
     Returns what happened: forgotten, not_trained, withdrawn, gate_failed, trained (passed, not
     published here), published or publish_failed (the drive was unreachable: lost work).
     """
@@ -155,21 +164,22 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     from lora_assets.orchestration.registry import is_forgotten
     from lora_assets.pipeline import adapter_metadata, withdraw
 
-    w, (adapter_key, published_key) = outcome.work, keys
+    w = outcome.work
     state, run_id, base = settings.state(), context.run.run_id, w.base_model
+    adapter, published_asset = adapter_key(w.mode), published_key(w.mode)
     if is_forgotten(context.instance, w.user):  # forgotten while training: keep nothing of it
         shutil.rmtree(outcome.folder, ignore_errors=True)
         return "forgotten"
     if outcome.error:
         state.record_failure(base, w.user, w.mode, f"not trained: {outcome.error}", run_id)
-        summary.add(adapter_key, base, "not_trained")
+        summary.add(adapter, base, "not_trained")
         context.log.error(f"[{w.name}] not trained: {outcome.error}")
         return "not_trained"
     if outcome.withdraw:
         withdrawn = withdraw(settings, w, outcome.withdraw)
         state.record_withdrawn(base, w.user, w.mode, outcome.withdraw, outcome.dataset_version, run_id)
-        summary.add(adapter_key, base, "withdrawn")
-        summary.add(published_key, base, "withdrawn", deleted_versions=len(withdrawn.deleted_versions))
+        summary.add(adapter, base, "withdrawn")
+        summary.add(published_asset, base, "withdrawn", deleted_versions=len(withdrawn.deleted_versions))
         context.log.info(f"[{w.name}] withdrawn: {outcome.withdraw}; devices remove it at their next sync")
         return "withdrawn"
     plain = adapter_metadata(outcome.result, outcome.dataset_version, outcome.training)
@@ -178,7 +188,7 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
                          steps=plain.get("steps"), gate=gate, run_id=run_id,
                          training={k: v for k, v in plain.items() if k not in ("loss_curve", "path")})
     improvement = plain.get("eval_loss_improvement")
-    summary.add(adapter_key, base, "trained" if outcome.gate.passed else "gate_failed", plain["sha256"],
+    summary.add(adapter, base, "trained" if outcome.gate.passed else "gate_failed", plain["sha256"],
                 steps=plain.get("steps"), train_tokens=plain.get("train_tokens"), eval_loss_improvement=improvement,
                 size_bytes=plain.get("size_bytes"))
     line = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
@@ -191,11 +201,10 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     try:
         published = publish_fn(w)
     except Exception as exc:  # the drive is unreachable: lost work, requested again
-        summary.add(published_key, base, "publish_failed")
+        summary.add(published_asset, base, "publish_failed")
         context.log.error(f"{line}; not published ({type(exc).__name__}): {exc}")
         return "publish_failed"
-    state.record_published(base, w.user, w.mode, published.version, run_id)
-    summary.add(published_key, base, "published", published.version, deleted_versions=len(published.deleted_versions))
+    record_published(context, settings, summary, w, published)
     context.log.info(f"{line}; published {published.version} (flipped: {published.flipped})")  # one line per adapter
     return "published"
 
@@ -222,8 +231,3 @@ def latest_materializations(instance: DagsterInstance, key: AssetKey, partitions
         AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())), limit=len(ids)
     ).records
     return {r.partition_key: r for r in records}
-
-
-def mapping_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Plain values of a materialization's metadata (for tests and the CLI)."""
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}

@@ -23,7 +23,7 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from lora_assets.modes import MODES
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, batch_users
 from lora_assets.orchestration.registry import active_base_models
-from lora_assets.state import REASONS
+from lora_assets.state import REASONS, STATES
 from lora_assets.state import why as state_words
 
 STATUS_SCHEMA = 1
@@ -80,7 +80,7 @@ class StatusReport:
 
     def totals(self) -> dict[str, int]:
         """Adapters by state: of every user when summarised, else of the rows listed."""
-        out = {s: 0 for s in (FRESH, UPDATING, STALE, NO_DATA, WITHDRAWN)}
+        out = dict.fromkeys(STATES, 0)
         if self.summaries:
             for summary in self.summaries:
                 for state, n in summary.counts.items():
@@ -181,7 +181,7 @@ def mode_summary(settings, mode: str, base: str, flying: dict[tuple[str, str, st
     """Counts by state of one mode on one base model: one aggregate query, plus one indexed read
     of the adapters in flight (bounded by the run queue) to tell updating from stale."""
     state = settings.state()
-    counts = {s: 0 for s in (FRESH, UPDATING, STALE, NO_DATA, WITHDRAWN)}
+    counts = dict.fromkeys(STATES, 0)
     for reason, n in state.counts(mode, base).items():
         counts[REASONS[reason][0]] += n
     in_flight = [u for (b, u, m) in flying if b == base and m == mode]
