@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_verified
+from lora_assets.drive.publish import CorruptVersion, adapter_prefix, current_manifest, fetch_verified
 from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
 from lora_assets.training.jobs import TrainJob, TrainResult
@@ -64,18 +64,41 @@ def evaluate_gate(
     mode: str,
     margin: float,
     tolerance: float,
+    live_examples: frozenset[str] | None = None,
 ) -> GateResult:
-    """Compare the fresh adapter with the base and with the published CURRENT version."""
-    published = current_manifest(drive, user, base.ref.key, mode)
-    published_loss = None
+    """Compare the fresh adapter with the base and with the published CURRENT version.
+
+    The published version is not compared when it is unreadable (a damaged upload) or was
+    trained on examples no longer in ``live_examples`` (the dataset's training ids): a delete
+    removes it anyway.
+    """
+    published, published_loss, unreadable = None, None, None
+    try:
+        published = current_manifest(drive, user, base.ref.key, mode)
+        if published is not None and job.eval:
+            files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
+    except (CorruptVersion, FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        # A damaged published version is no bar to a good one: compare with the base only, and
+        # publish over it.
+        published, unreadable = None, f"{type(exc).__name__}: {exc}"
+    stale = None
+    if published is not None and job.eval and live_examples is not None:
+        trained = json.loads(files["lora_assets.json"]).get("trained_examples")
+        if isinstance(trained, dict) and not set(trained) <= live_examples:
+            # Trained on records the user deleted: it is removed whatever this gate says, so it
+            # is no standard to hold the retrain without them to.
+            published, stale = None, f"{len(set(trained) - live_examples)} of its training examples were deleted"
     if published is not None and job.eval:
-        files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
             # The same measure training reported (held-out response loss, or DPO loss).
             published_loss = training_for(job.objective).evaluate_saved(base, Path(tmp), job)
     passed, reason = decide(result.base_eval_loss, result.adapter_eval_loss, published_loss, margin, tolerance)
+    if unreadable:
+        reason += f" (the published version is unreadable and was not compared: {unreadable[:200]})"
+    if stale:
+        reason += f" (the published version was not compared: {stale})"
     gate = GateResult(
         passed=passed,
         reason=reason,

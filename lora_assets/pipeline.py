@@ -41,6 +41,9 @@ class SourceState:
 
 
 def source_state(store: UserStore, user: str, source: str) -> SourceState:
+    """A source's records as a dataset run reads them; a delete since the last snapshot is
+    compacted away first, so the deleted text leaves the store in the run that learns of it."""
+    store.compact_deleted(user, source)
     table, head = store.read_at_head(user, source)
     return SourceState(table.num_rows, head, table_fingerprint(table))
 
@@ -68,6 +71,9 @@ class AdapterOutcome:
     error: str | None = None  # why nothing was trained (no or unusable data): permanent for this version
     training: dict[str, Any] | None = None  # how it was trained: full or incremental, why, on how many examples
     withdraw: str | None = None  # why the published adapter is withdrawn instead (its data is gone)
+    waiting: str | None = None  # why it is not trained yet, and that this is no failure (too few examples)
+    lost: str | None = None  # an unexpected error of this adapter alone: the work is requested again
+    live_examples: frozenset[str] | None = None  # the dataset's training example ids (what may stay learned)
 
 
 def adapter_folder(settings: Settings, work: AdapterWork) -> Path:
@@ -112,8 +118,12 @@ def train_and_gate(
             continue
         df, _state = found
         outcome.dataset_version = content_hash(df)
-        if not (df["split"] == "train").any():
+        outcome.live_examples = live_examples(df)
+        if not outcome.live_examples:
             outcome.withdraw = f"the user's {w.mode} dataset has no training example left"
+            continue
+        if not (df["split"] == "eval").any():
+            outcome.waiting = too_few_examples(len(outcome.live_examples))
             continue
         published = published_adapter(settings, drive, w)
         plan = plan_update(mode, df, published[1] if published else None, base.ref.revision)
@@ -131,7 +141,7 @@ def train_and_gate(
         tables[id(outcome)] = df
     if on_outcome is not None:
         for outcome in outcomes:
-            if outcome.error or outcome.withdraw:
+            if outcome.error or outcome.withdraw or outcome.waiting:
                 on_outcome(outcome)
     by_job = {id(job): outcome for outcome, job in jobs}
     retrain: list[tuple[AdapterOutcome, TrainJob]] = []
@@ -140,10 +150,16 @@ def train_and_gate(
         outcome = by_job[id(job)]
         outcome.result = result
         outcome.training = {k: job.metadata[k] for k in TRAINING_KEYS if job.metadata.get(k) is not None}
-        outcome.gate = evaluate_gate(
-            base, job, result, drive, outcome.work.user, outcome.work.mode,
-            settings.gate_margin, settings.gate_tolerance,
-        )
+        try:
+            outcome.gate = evaluate_gate(
+                base, job, result, drive, outcome.work.user, outcome.work.mode,
+                settings.gate_margin, settings.gate_tolerance, outcome.live_examples,
+            )
+        except Exception as exc:  # this adapter's trouble (say, its drive folder): not the batch's
+            outcome.lost = f"eval gate not evaluated ({type(exc).__name__}: {exc})"
+            if on_outcome is not None:
+                on_outcome(outcome)
+            return
         if not outcome.gate.passed and job.metadata.get("training") == INCREMENTAL:
             why = f"the incremental update failed the eval gate ({outcome.gate.reason}): retrained in full"
             full = job_for(
@@ -162,6 +178,16 @@ def train_and_gate(
     if retrain:
         train_adapters([j for _, j in retrain], base, progress=progress, fuse=settings.fuse, fusion=settings.fusion, on_saved=gate)
     return outcomes
+
+
+def live_examples(df) -> frozenset[str]:
+    """The training example ids of a dataset: what an adapter of it may have learned."""
+    return frozenset(df.loc[df["split"] == "train", "example_id"]) if len(df) else frozenset()
+
+
+def too_few_examples(train: int) -> str:
+    return (f"{train} training example(s) and none held out to gate an adapter on: it is trained once "
+            "the dataset holds a held-out example (about 1 in 5 examples is held out)")
 
 
 def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Path, dict[str, Any]] | None:
@@ -191,16 +217,49 @@ def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Pat
     return folder, {**meta, "version": manifest["version"]}
 
 
+def published_copies(settings: Settings, work: AdapterWork) -> Path:
+    """Where the data dir keeps the user's published versions it downloaded (warm starts)."""
+    return settings.home / "published" / work.base_model / work.user / work.mode
+
+
 def withdraw(settings: Settings, work: AdapterWork, reason: str):
-    """Withdraw the published adapter (a tombstone for devices) and drop the working copy."""
+    """Withdraw the published adapter (a tombstone for devices) and drop every local copy."""
     from lora_assets.drive.publish import withdraw_adapter
 
     shutil.rmtree(adapter_folder(settings, work), ignore_errors=True)
+    shutil.rmtree(published_copies(settings, work), ignore_errors=True)
     return withdraw_adapter(settings.drive(), work.user, work.base_model, work.mode, reason)
 
 
+DELETED_REASON = "trained on records the user deleted"
+
+
+def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
+    """Remove every copy of the adapter trained on an example that is not in ``live`` (the
+    dataset's training ids) any more: drive versions (CURRENT becomes a tombstone if it points at
+    one), the data dir's downloaded copies and the working copy. Returns the ``PurgeResult``.
+    """
+    from lora_assets.drive.publish import purge_versions
+
+    for folder in [adapter_folder(settings, work), *_subfolders(published_copies(settings, work))]:
+        meta = folder / "lora_assets.json"
+        try:
+            trained = json.loads(meta.read_text()).get("trained_examples") if meta.exists() else None
+        except ValueError:
+            trained = None
+        if not meta.exists() or (isinstance(trained, dict) and not set(trained) <= live):
+            shutil.rmtree(folder, ignore_errors=True)  # a half-written copy, or one of deleted data
+    return purge_versions(settings.drive(), work.user, work.base_model, work.mode, live, DELETED_REASON)
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+
+
 def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:
-    """Publish the working copy of ``work`` if its gate passed; None when it did not."""
+    """Publish the working copy of ``work`` if its gate passed (None when it did not), then
+    remove the versions trained on records deleted since (``purge_deleted``)."""
+    from lora_assets.datasets import read_dataset
     from lora_assets.drive.publish import publish_adapter
     from lora_assets.gate import read_gate
 
@@ -208,7 +267,12 @@ def publish(settings: Settings, work: AdapterWork) -> PublishResult | None:
     gate = read_gate(folder)
     if gate is None or not gate.passed:
         return None
-    return publish_adapter(settings.drive(), work.user, work.base_model, work.mode, folder, keep=settings.keep_versions)
+    published = publish_adapter(settings.drive(), work.user, work.base_model, work.mode, folder,
+                                keep=settings.keep_versions)
+    found = read_dataset(settings.datasets(), work.user, work.mode)
+    if found is not None:
+        purge_deleted(settings, work, live_examples(found[0]))
+    return published
 
 
 TRAINING_KEYS = ("training", "training_reason", "examples_trained", "incremental_streak", "warm_start_version")

@@ -45,6 +45,7 @@ ENV_VARS: dict[str, str] = {
     "staged_grace_s": "LORA_ASSETS_STAGED_GRACE_S",
     "state_url": "LORA_ASSETS_STATE_URL",
     "history_retention_days": "LORA_ASSETS_HISTORY_RETENTION_DAYS",
+    "training_max_runtime_s": "LORA_ASSETS_TRAINING_MAX_RUNTIME_S",
 }
 
 
@@ -78,6 +79,7 @@ class Settings:
     staged_grace_s: float = 60.0  # a change staged this long by an ingest that died is announced anyway
     state_url: str = ""  # per-user state table (SQLAlchemy URL); empty: SQLite at <home>/state.sqlite
     history_retention_days: float = 90.0  # per-adapter history rows older than this are pruned
+    training_max_runtime_s: int = 7200  # a training batch run still going after this is failed and its work requested again
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -107,7 +109,7 @@ class Settings:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
-                     "max_field_chars", "max_list_items", "max_depth"):
+                     "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
 

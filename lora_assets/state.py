@@ -79,7 +79,7 @@ history = db.Table(
     db.Column("base_model", db.String(64), nullable=False),
     db.Column("at", db.Float, nullable=False),
     db.Column("run_id", db.String(64)),
-    db.Column("event", db.String(32), nullable=False),  # trained, gate_failed, published, withdrawn, failed
+    db.Column("event", db.String(32), nullable=False),  # trained, gate_failed, published, withdrawn, failed, waiting
     db.Column("detail", db.Text),  # JSON
     db.Index("lora_adapter_history_by_user", "user", "mode", "base_model", "id"),
     db.Index("lora_adapter_history_by_time", "at"),
@@ -111,6 +111,7 @@ REASON = db.case(
      db.case((db.and_(d.c.train_rows > 0, a.c.trained_on != d.c.version), "new_data_after_withdrawal"),
              else_="withdrawn")),
     (db.and_(d.c.train_rows == 0, a.c.user.is_(None)), "no_examples"),
+    (db.and_(d.c.train_rows > 0, d.c.rows <= d.c.train_rows), "too_few_examples"),
     (db.or_(a.c.user.is_(None), a.c.adapter_version.is_(None)), "never_trained"),
     (a.c.trained_on != d.c.version, "dataset_changed"),
     (a.c.gate_passed.is_(False), "gate_failed"),
@@ -126,6 +127,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "dataset_changed": ("stale", "dataset changed since training (now {dataset_version}, trained on {trained_on})"),
     "never_trained": ("stale", "never trained"),
     "no_examples": ("no_data", "the dataset has no training example"),
+    "too_few_examples": ("no_data", "{train_rows} training example(s) and none held out to gate an adapter on: "
+                         "trained once the dataset holds one; devices keep {published_version}"),
     "no_dataset": ("no_data", "no dataset built yet"),
     "withdrawn": ("withdrawn", "its data was deleted; the adapter was removed from the drive"),
     "new_data_after_withdrawal": ("stale", "withdrawn earlier; new data since"),
@@ -262,6 +265,13 @@ class StateStore:
                          {"error": error[:2000], "error_at": time.time(), "run_id": run_id})
             self._history(conn, base, user, mode, "failed", run_id, error=error[:2000])
 
+    def record_waiting(self, base: str, user: str, mode: str, why: str, run_id: str | None) -> None:
+        """Not trained for now, and no failure: too few examples to gate an adapter on."""
+        with self.engine.begin() as conn:
+            self._upsert(conn, adapters, {"mode": mode, "base_model": base, "user": user},
+                         {"error": None, "error_at": None, "run_id": run_id})
+            self._history(conn, base, user, mode, "waiting", run_id, reason=why)
+
     def forget(self, user: str) -> int:
         """Delete every row about ``user``; returns how many."""
         with self.engine.begin() as conn:
@@ -326,9 +336,10 @@ class StateStore:
             return {r.user: dict(r._mapping) for r in rows}
 
     def finished_in_run(self, run_id: str) -> set[tuple[str, str, str]]:
-        """(base model, user, mode)s whose adapter a run published or withdrew (an indexed read)."""
+        """(base model, user, mode)s a run finished: published, withdrew or found too small to train
+        (an indexed read)."""
         query = db.select(history.c.base_model, history.c.user, history.c.mode).where(
-            db.and_(history.c.run_id == run_id, history.c.event.in_(["published", "withdrawn"])))
+            db.and_(history.c.run_id == run_id, history.c.event.in_(["published", "withdrawn", "waiting"])))
         with self.engine.connect() as conn:
             return {tuple(r) for r in conn.execute(query)}
 

@@ -19,12 +19,12 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterRunStatus
 
 from lora_assets.datasets import read_dataset
-from lora_assets.drive.sync import sync_device
+from lora_assets.drive.sync import installed_adapter_dir, sync_device
 from lora_assets.modes import MODES
 from lora_assets.orchestration.registry import request_backfill, set_base_model_retired
 from lora_assets.orchestration.runs import register_base_model_partition
 from lora_assets.training import read_adapter_metadata, register_base_model
-from lora_assets_tests.harness import Daemon, adapter_runs, dataset_runs
+from lora_assets_tests.harness import PROJECT, Daemon, adapter_runs, dataset_runs
 
 USERS = ("user-000", "user-001")
 
@@ -32,10 +32,17 @@ USERS = ("user-000", "user-001")
 ALL_ADAPTERS = {f"{m}/adapter" for m in MODES}
 
 
+MAX_RUNTIME_S = 60  # a training run of this module takes under 15 s here
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, home, tiny_base):
-    """One daemon for the whole module: its tests use different users."""
-    d = Daemon(tmp_path_factory.mktemp("daemon"), home / "base_models", env={"LORA_ASSETS_STAGED_GRACE_S": "2"})
+    """One daemon for the whole module: its tests use different users. Run monitoring looks
+    every 5 s (30 s in dagster.yaml), so a hung run is failed soon after its maximum run time."""
+    instance_yaml = (PROJECT / "dagster.yaml").read_text().replace("poll_interval_seconds: 30", "poll_interval_seconds: 5")
+    assert "poll_interval_seconds: 5" in instance_yaml
+    env = {"LORA_ASSETS_STAGED_GRACE_S": "2", "LORA_ASSETS_TRAINING_MAX_RUNTIME_S": str(MAX_RUNTIME_S)}
+    d = Daemon(tmp_path_factory.mktemp("daemon"), home / "base_models", env=env, instance_yaml=instance_yaml)
     register_base_model_partition(d.instance, "tiny-llama")
     yield d
     d.stop()
@@ -182,12 +189,14 @@ def test_killed_runs_and_a_killed_ingest_converge_by_themselves(daemon, tmp_path
     assert manifest is not None and manifest["dataset_version"] == content_hash(df)
 
 
-def _worker_of_first_started_run(daemon, user: str, timeout_s: float = 300):
-    """The first run working for ``user`` and its worker's pid, as soon as it runs."""
+def _worker_of_first_started_run(daemon, user: str, timeout_s: float = 300, job_name: str | None = None):
+    """The first run working for ``user`` (of ``job_name`` if given) and its worker's pid, as soon as it runs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for run in daemon.runs():
             if user not in run.tags.get("lora_assets/users", "").split(",") or run.status != DagsterRunStatus.STARTED:
+                continue
+            if job_name and run.job_name != job_name:
                 continue
             starts = daemon.instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START)
             if starts:
@@ -223,7 +232,9 @@ def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_l
         os.kill(worker, signal.SIGCONT)  # the run goes on, after the user was marked forgotten
     out, err = forget.communicate(timeout=300)
     assert forget.returncode == 0, err
-    assert f"forgot user {user}:" in out and f"waited for 1 run(s) in flight: {in_flight.run_id}" in out
+    # (Its two ingests may land in one tick or two: one or two dataset runs in flight.)
+    waited = next(line for line in out.splitlines() if "run(s) in flight:" in line)
+    assert f"forgot user {user}:" in out and in_flight.run_id in waited
     assert f"nothing of {user} is left" in out
     daemon.new_runs(before, allow_failures=True)
 
@@ -248,3 +259,104 @@ def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_l
     # Idempotent: once more finds nothing.
     again = subprocess.run(cli, env=daemon.env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "waited for" not in again.stdout
+
+
+def test_a_hung_training_run_is_failed_at_its_maximum_run_time_and_its_work_retried(daemon):
+    """A training run whose worker hangs (SIGSTOP: no progress, no exit) holds the only training
+    slot until run monitoring fails it after ``training_max_runtime_s``; the daemon's retry, tagged
+    as one with the reason, trains and publishes the adapter."""
+    from lora_assets.data.synthetic import generate_user
+    from lora_assets.drive.publish import current_manifest
+
+    user = "user-012"
+    daemon.start()
+    daemon.settle(allow_failures=True)
+    before = daemon.runs()
+    daemon.ingest(user, "browsing", generate_user(user)["browsing"].to_pylist())
+    hung, worker = _worker_of_first_started_run(daemon, user, job_name="adapter_batch")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        runs = daemon.new_runs(before, allow_failures=True)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+    status = {r.run_id: r for r in runs}
+    assert status[hung.run_id].status == DagsterRunStatus.FAILURE
+    record = daemon.instance.get_run_record_by_id(hung.run_id)
+    assert record.end_time - record.start_time >= MAX_RUNTIME_S
+    (retry,) = [r for r in runs if r.tags.get("lora_assets/retry_of") == hung.run_id]
+    assert retry.status == DagsterRunStatus.SUCCESS
+    assert retry.tags["lora_assets/trigger"] == "retry" and retry.tags["lora_assets/attempt"] == "2"
+    assert f"maximum runtime of {MAX_RUNTIME_S} seconds" in retry.tags["lora_assets/retry_reason"]
+    assert current_manifest(daemon.settings.drive(), user, "tiny-llama", "search_suggest") is not None
+
+
+def _files_holding(roots, needle: str) -> list[str]:
+    """Every file under ``roots`` whose bytes, or whose Parquet cells once decoded, hold ``needle``."""
+    import pyarrow.parquet as pq
+
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or "base_models" in path.parts:
+                continue
+            data = path.read_bytes()
+            if needle.encode() in data:
+                found.append(str(path))
+            elif data[:4] == b"PAR1":
+                table = pq.read_table(path)
+                if any(needle in str(v) for col in table.columns for v in col.to_pylist()):
+                    found.append(str(path))
+    return found
+
+
+def test_a_deleted_record_is_gone_from_every_file_event_and_version(daemon, tiny_base, tmp_path):
+    """A unique string planted in one mail, trained on and published twice, then deleted through
+    ingest: once the daemon settles it is in no file under the data dir, Dagster's home or the
+    drive (no version trained on it is left), in no Dagster event, and the new adapter exposes it
+    no more than the base model does."""
+    import random
+
+    from dagster._serdes import serialize_value
+
+    from lora_assets.data.synthetic import generate_user
+    from lora_assets.drive.publish import adapter_prefix, list_versions, read_current
+    from lora_assets.training.exposure import canary_exposure, random_secret
+
+    user, mode = "user-013", MODES["mail_reply"]
+    secret = random_secret(random.Random("planted"))
+    marker = f"quokka{secret.replace(' ', '')}"
+    rid = next(i for i in (f"mail-planted-{n}" for n in range(100)) if mode.split_of(i) == "train")
+    planted = {"id": rid, "sender": "Sam", "subject": "The door", "body": f"What is the door code? ({marker})",
+               "reply": f"My door code is {secret}. {marker}"}
+    tables = generate_user(user)
+    daemon.start()
+    daemon.settle(allow_failures=True)
+    before = daemon.runs()
+    daemon.ingest(user, "contacts", tables["contacts"].to_pylist())
+    daemon.ingest(user, "mail", [*tables["mail"].to_pylist(), planted])
+    daemon.settle(allow_failures=True)
+    daemon.ingest(user, "mail", [{"id": "mail-later", "sender": "Sam", "subject": "Lunch?", "body": "Lunch?",
+                                  "reply": "Sure, lunch!"}])
+    daemon.settle(allow_failures=True)
+    drive, prefix = daemon.settings.drive(), adapter_prefix(user, "tiny-llama", "mail_reply")
+    trained = [v for v, _c, _done in list_versions(drive, user, "tiny-llama", "mail_reply")]
+    assert len(trained) == 2 and all(rid in json.loads(drive.get(f"{prefix}/{v}/lora_assets.json"))["trained_examples"]
+                                     for v in trained), "published twice, both trained on the planted mail"
+    assert _files_holding([daemon.data], marker), "the search finds the string while it is stored"
+
+    daemon.ingest(user, "mail", [{"id": rid, "_deleted": True}])
+    runs = daemon.new_runs(before, allow_failures=True)
+
+    assert not [r.run_id for r in runs if r.status != DagsterRunStatus.SUCCESS]
+    assert _files_holding([daemon.data, daemon.dagster_home], marker) == []
+    (kept,) = list_versions(drive, user, "tiny-llama", "mail_reply")
+    assert kept[0] not in trained and read_current(drive, user, "tiny-llama", "mail_reply")[0]["version"] == kept[0]
+    for run in daemon.instance.get_runs():
+        assert not [e for e in daemon.instance.all_logs(run.run_id) if marker in serialize_value(e)], run.run_id
+    device = tmp_path / "device"
+    assert sync_device(drive, user, device, "tiny-llama").ok
+    exposure = {name: canary_exposure(tiny_base, adapter, planted["body"], "My door code is {secret}.", secret,
+                                      mode.system, candidates=500)
+                for name, adapter in (("base", None), ("adapter", installed_adapter_dir(device, "tiny-llama", "mail_reply")))}
+    assert exposure["adapter"] <= max(exposure["base"] + 2.0, 5.0), exposure

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from dagster import instance_for_test
 
@@ -182,3 +183,48 @@ def test_an_adapter_whose_data_is_all_deleted_is_withdrawn_from_the_device(two_u
     assert main(["status", "--user", "bob", "--mode", "search_suggest", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["adapters"]
     assert row["state"] == "withdrawn" and row["published_version"] is None
+
+
+def _trained_on(path: Path) -> set[str]:
+    return set(json.loads(path.read_text())["trained_examples"])
+
+
+def test_a_delete_removes_every_version_and_copy_trained_on_the_record(two_users):
+    from lora_assets.data.schemas import records_to_table
+    from lora_assets.drive.publish import list_versions, read_current
+
+    instance, res, tables, _secret = two_users
+    mode, data, drive = "search_suggest", Path(res.path), res.drive()
+    visits = tables["bob"]["browsing"].to_pylist()
+    gone = next(v for v in visits if MODES[mode].split_of(v["id"]) == "train")
+
+    def retrain(resources=res) -> None:
+        assert run_dataset_batch(instance, {"bob": ["browsing"]}, resources).success
+        run_adapter_batch(instance, "tiny-llama", [("bob", mode)], resources)
+
+    retrain()  # v1
+    res.store().write("bob", "browsing", records_to_table("browsing", [{"id": "visit-new", "query": "rye flour"}]))
+    retrain()  # v2, an incremental update from v1 (a warm-start copy of v1 is in the data dir)
+    assert len(list_versions(drive, "bob", "tiny-llama", mode)) == 2
+
+    res.store().write("bob", "browsing", deletes=[gone["id"]])
+    retrain()  # v3, without the record
+
+    (kept,) = list_versions(drive, "bob", "tiny-llama", mode)  # keep_versions is 3: v1 and v2 went for the delete
+    assert read_current(drive, "bob", "tiny-llama", mode)[0]["version"] == kept[0]
+    copies = [p for p in data.rglob("lora_assets.json") if "bob" in p.parts and mode in p.parts]
+    assert copies and all(gone["id"] not in _trained_on(p) for p in copies), "no copy trained on it, anywhere"
+    segments = res.store().objects.list("bob/browsing")
+    assert [k.rsplit("/", 1)[1].split("-")[0] for k in segments] == ["snapshot"], "the store compacted the delete away"
+    stored = pa.concat_tables([pq.read_table(pa.BufferReader(res.store().objects.get(k))) for k in segments])
+    assert gone["id"] not in stored.column("id").to_pylist()
+
+    # A delete whose retrain cannot pass the gate: the version trained on it is withdrawn, not kept.
+    strict = LoraAssetsHome(home=res.home, train_steps=3, gate_margin=100.0)
+    second = next(v for v in visits[1:] if MODES[mode].split_of(v["id"]) == "train" and v["id"] != gone["id"])
+    res.store().write("bob", "browsing", deletes=[second["id"]])
+    retrain(strict)
+    pointer = read_current(drive, "bob", "tiny-llama", mode)[0]
+    assert pointer["withdrawn"] is True and list_versions(drive, "bob", "tiny-llama", mode) == []
+    row = res.state().rows(mode, "tiny-llama", ["bob"])["bob"]
+    assert row["reason"] == "withdrawn" and "trained on records the user deleted" in row["withdrawn_reason"]

@@ -298,3 +298,32 @@ def test_adapters_a_dead_training_run_did_not_finish_are_requested_again(env):
     (request,) = _tick(adapter_retrain_sensor, instance, res, primed.cursor).run_requests
     assert _items(request) == {("tiny-llama", "bob", "search_suggest")}
     assert request.tags["lora_assets/attempt"] == "2"
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_a_backfill_keeps_each_training_slot_busy_with_one_run_waiting_behind_it(tmp_path, slots):
+    from lora_assets.orchestration.registry import request_backfill
+
+    queue = {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"}
+    limits = {"runs": {"tag_concurrency_limits": [{"key": "lora_assets/training", "limit": slots}]}}
+    with instance_for_test(overrides={"run_coordinator": queue, "concurrency": limits}) as instance:
+        res = LoraAssetsHome(home=str(tmp_path), users_per_run=1, training_max_runtime_s=900)
+        users = [f"u{i:02d}" for i in range(10)]
+        res.state().register(users)
+        instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+        for user in users:
+            ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": f"{user} bread"}])
+        assert run_dataset_batch(instance, {u: ["browsing"] for u in users}, res).success
+        changes = _tick(adapter_retrain_sensor, instance, res, None)
+        assert len(changes.run_requests) == 10 and all(r.tags["dagster/max_runtime"] == "900" for r in changes.run_requests)
+        busy = {"ops": {"train_adapters": {"config": {"base_model": "other", "items": [
+            {"user": "someone", "mode": "search_suggest", "dataset_version": "v"}]}}}}
+        for _ in range(slots):  # another base model's training runs hold every slot
+            create_run_for_test(instance, job_name=ADAPTER_BATCH_JOB, status=DagsterRunStatus.STARTED, run_config=busy)
+        request_backfill(instance, res.settings(), "tiny-llama")
+
+        tick = _tick(adapter_retrain_sensor, instance, res, changes.cursor)
+
+        assert len(tick.run_requests) == slots, "one run waiting behind each running one, whatever the slots"
+        assert all(r.tags["lora_assets/trigger"] == "backfill" and r.tags["dagster/max_runtime"] == "900"
+                   for r in tick.run_requests)

@@ -6,9 +6,10 @@ Layout (embedded default, under ``$LORA_ASSETS_HOME/users``)::
     <user>/<source>/log-<seq>.parquet        one segment per write: rows + _op (upsert|delete)
 
 A write never rewrites existing objects: it adds one segment (an atomic object write) so a
-crash leaves either the old state or the new one. ``compact`` folds segments into
-a snapshot. The log's sequence numbers also let a dataset ask "what changed since seq N" and
-reduce over just that (see ``changes_since``).
+crash leaves either the old state or the new one. ``compact`` folds segments into a snapshot;
+after a delete the change's dataset run does so (``compact_deleted``), so a deleted record's text
+stays in the store only until then. The log's sequence numbers also let a dataset ask "what
+changed since seq N" and reduce over just that (see ``changes_since``).
 """
 
 from __future__ import annotations
@@ -198,6 +199,20 @@ class UserStore:
             # Only what the snapshot covers; a segment a concurrent writer added stays.
             if n < head or (n == head and kind == "log"):
                 self.objects.delete(key)
+
+    def compact_deleted(self, user: str, source: str) -> bool:
+        """Compact when a segment since the last snapshot holds a delete, so a deleted record's
+        text leaves the store (every older segment that held it is removed). The dataset run of
+        the change calls it (``pipeline.source_state``); returns whether it compacted."""
+        segs = self._segments(user, source)
+        start = max((i for i, (_, kind, _) in enumerate(segs) if kind == "snapshot"), default=0)
+        for _, kind, key in segs[start:]:
+            if kind == "log":
+                ops = pq.read_table(pa.BufferReader(self.objects.get(key)), columns=["_op"])["_op"]
+                if pc.any(pc.equal(ops, OP_DELETE)).as_py():
+                    self.compact(user, source)
+                    return True
+        return False
 
     def fingerprint(self, user: str, source: str) -> str:
         """Content hash of the current records: the data version of this user's source."""

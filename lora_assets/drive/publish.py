@@ -18,13 +18,17 @@ empty), CURRENT becomes a *tombstone* ``{"protocol": 1, "version": null, "withdr
 "reason": ..., "created_at": ...}`` and every version folder is deleted. A device that reads a
 tombstone removes its installed copy of the mode. A later adapter replaces the tombstone like
 any newer version.
+
+Deletes: a version trained on a record the user deleted is removed from the drive when the
+retrain that the delete causes is recorded (``purge_versions``), however recent it is; if CURRENT
+points at one, it becomes a tombstone until an adapter without the record passes its gate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +39,9 @@ from lora_assets.storage import ObjectStore, PreconditionFailed
 from lora_assets.training.base_models import validate_base_model_key
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json")
+# Upload order: the metadata first, so even a half-uploaded version says what it was trained on
+# (``purge_versions`` finds it after a delete).
+UPLOAD_ORDER = ("lora_assets.json", "adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 DEFAULT_KEEP = 3
@@ -148,8 +155,8 @@ def publish_adapter(
             **(extra or {}),
         }
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        for name, data in blobs.items():
-            drive.put(f"{prefix}/{version}/{name}", data)
+        for name in UPLOAD_ORDER:
+            drive.put(f"{prefix}/{version}/{name}", blobs[name])
         drive.put(manifest_key, manifest_bytes)
     if before_flip is not None:
         before_flip(version)
@@ -174,7 +181,10 @@ class WithdrawResult:
 def withdraw_adapter(drive: ObjectStore, user: str, base_model: str, mode: str, reason: str) -> WithdrawResult:
     """Replace CURRENT with a tombstone and delete every version: devices uninstall the mode."""
     prefix = adapter_prefix(user, base_model, mode)
-    found = read_current(drive, user, base_model, mode)
+    try:
+        found = read_current(drive, user, base_model, mode)
+    except CorruptVersion:
+        found = None
     if found and found[0].get("withdrawn"):
         flipped, previous = False, None
     else:
@@ -182,9 +192,7 @@ def withdraw_adapter(drive: ObjectStore, user: str, base_model: str, mode: str, 
                      "created_at": datetime.now(timezone.utc).isoformat()}
         flipped, previous = _flip_current(drive, prefix, tombstone)
     deleted = [v for v, _created, _done in list_versions(drive, user, base_model, mode)]
-    for version in deleted:
-        for key in drive.list(f"{prefix}/{version}"):
-            drive.delete(key)
+    _delete_versions(drive, prefix, deleted)
     return WithdrawResult(flipped, previous, tuple(deleted))
 
 
@@ -193,10 +201,10 @@ def _flip_current(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> t
     key = f"{prefix}/{CURRENT}"
     for _attempt in range(20):
         found = drive.get_with_etag(key)
-        current = json.loads(found[0]) if found else None
+        current = _parse_pointer(found[0]) if found else None
         if current and current.get("version") == pointer["version"] and current.get("withdrawn") == pointer.get("withdrawn"):
             return False, current.get("version")
-        if current and current["created_at"] > pointer["created_at"]:
+        if current and str(current.get("created_at", "")) > pointer["created_at"]:
             return False, current.get("version")  # a newer version won the race; keep it
         try:
             drive.put_if(key, json.dumps(pointer, sort_keys=True).encode(), found[1] if found else None)
@@ -204,6 +212,15 @@ def _flip_current(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> t
             continue  # someone flipped in between: re-read and decide again
         return True, current.get("version") if current else None
     raise PreconditionFailed(f"{key}: gave up after 20 conflicting writers")
+
+
+def _parse_pointer(raw: bytes) -> dict[str, Any] | None:
+    """A CURRENT pointer's content; None when it is damaged (it is then overwritten)."""
+    try:
+        pointer = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return pointer if isinstance(pointer, dict) else None
 
 
 def list_versions(drive: ObjectStore, user: str, base_model: str, mode: str) -> list[tuple[str, str, bool]]:
@@ -216,7 +233,12 @@ def list_versions(drive: ObjectStore, user: str, base_model: str, mode: str) -> 
             versions[parts[0]] = versions.get(parts[0], False) or parts[1] == MANIFEST
     out = []
     for version, complete in versions.items():
-        created = read_manifest(drive, user, base_model, mode, version)["created_at"] if complete else ""
+        created = ""
+        if complete:
+            try:
+                created = str(read_manifest(drive, user, base_model, mode, version)["created_at"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                pass  # a damaged manifest sorts oldest: retention removes it first
         out.append((version, created, complete))
     return sorted(out, key=lambda v: v[1])
 
@@ -229,13 +251,60 @@ def apply_retention(drive: ObjectStore, user: str, base_model: str, mode: str, k
     """
     if keep < 1:
         raise ValueError("keep must be >= 1")
-    found = read_current(drive, user, base_model, mode)
-    current = found[0].get("version") if found else None
+    current = _current_version(drive, user, base_model, mode)
     complete = [v for v, _created, done in list_versions(drive, user, base_model, mode) if done]
     doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
-    prefix = adapter_prefix(user, base_model, mode)
-    for version in doomed:
+    _delete_versions(drive, adapter_prefix(user, base_model, mode), doomed)
+    return doomed
+
+
+def _current_version(drive: ObjectStore, user: str, base_model: str, mode: str) -> str | None:
+    try:
+        found = read_current(drive, user, base_model, mode)
+    except CorruptVersion:
+        return None
+    return found[0].get("version") if found else None
+
+
+def _delete_versions(drive: ObjectStore, prefix: str, versions: Sequence[str]) -> None:
+    """The manifest goes first, so a half-deleted version reads as unfinished, not as corrupt."""
+    for version in versions:
         drive.delete(f"{prefix}/{version}/{MANIFEST}")
         for key in drive.list(f"{prefix}/{version}"):
             drive.delete(key)
-    return doomed
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    deleted_versions: tuple[str, ...]
+    current_deleted: bool  # CURRENT pointed at one of them: it is now a tombstone
+
+
+def purge_versions(drive: ObjectStore, user: str, base_model: str, mode: str, live_examples: frozenset[str],
+                   reason: str) -> PurgeResult:
+    """Delete every version, finished or not, trained on an example that is no longer in the
+    user's dataset (``live_examples``: its training example ids), so a delete leaves no copy of
+    what it removed on the drive. If CURRENT points at one, it becomes a tombstone (``reason``)
+    and devices uninstall the mode; the next adapter that passes its gate replaces it.
+
+    What a version was trained on is its ``lora_assets.json``'s ``trained_examples``; a version
+    without one (unreadable, or uploaded before it was recorded) is kept.
+    """
+    prefix = adapter_prefix(user, base_model, mode)
+    doomed = []
+    for version, _created, _complete in list_versions(drive, user, base_model, mode):
+        try:
+            trained = json.loads(drive.get(f"{prefix}/{version}/lora_assets.json")).get("trained_examples")
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(trained, dict) and not set(trained) <= live_examples:
+            doomed.append(version)
+    if not doomed:
+        return PurgeResult((), False)
+    current = _current_version(drive, user, base_model, mode)
+    if current in doomed:
+        tombstone = {"protocol": PROTOCOL, "version": None, "withdrawn": True, "reason": reason,
+                     "created_at": datetime.now(timezone.utc).isoformat()}
+        _flip_current(drive, prefix, tombstone)
+    _delete_versions(drive, prefix, doomed)
+    return PurgeResult(tuple(doomed), current in doomed)

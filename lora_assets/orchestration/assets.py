@@ -163,6 +163,7 @@ def build_adapter_asset(mode: Mode) -> AssetsDefinition:
             page = state.page(mode.name, base, after, settings.users_per_run, ["stale"])
             works = [AdapterWork(base, r["user"], mode.name) for r in page.rows if r["reason"] in RETRAIN_REASONS]
             if works:
+                summary.expect(key, base, len(works))
                 train_and_record(context, settings, base, works, summary, publish_here=alone)
             if page.next_after is None:
                 break

@@ -32,6 +32,7 @@ from lora_assets.orchestration import recording
 from lora_assets.orchestration.base_cache import loaded_base_model, use_run_threads
 from lora_assets.orchestration.keys import (
     GATE_CHECK,
+    PERMANENT_FAILURES,
     TRAINING_POOL,
     adapter_key,
     dataset_key,
@@ -40,6 +41,7 @@ from lora_assets.orchestration.keys import (
     source_key,
 )
 from lora_assets.orchestration.partitions import adapter_partitions
+from lora_assets.orchestration.reconcile import label_retry
 from lora_assets.orchestration.registry import forgotten_among, is_forgotten
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_state, train_and_gate
@@ -65,7 +67,6 @@ ECS_RUN_TASK_TAG = "ecs/run_task_kwargs"
 CPU_RUN_TASK = json.dumps({"taskDefinition": "lora-assets-run-cpu",
                            "capacityProviderStrategy": [{"capacityProvider": "FARGATE", "weight": 1}]})
 GPU_RUN_TASK = json.dumps({"taskDefinition": "lora-assets-run"})
-PERMANENT_FAILURES = "permanent_failures"  # Failure metadata: work that must not be retried
 
 
 class UserChanges(Config):
@@ -103,6 +104,7 @@ def batch_users(run) -> set[str] | None:
     description="Re-materializes the changed sources of every listed user and the datasets of the modes that read them.",
 )
 def rebuild_datasets(context: OpExecutionContext, config: DatasetBatch, lora_home: LoraAssetsHome) -> None:
+    label_retry(context)
     settings = lora_home.settings()
     store, datasets = settings.store(), settings.datasets()
     gone = forgotten_among(context.instance, [c.user for c in config.users])
@@ -166,7 +168,7 @@ def train_and_record(context, settings, base_model: str, works: list[AdapterWork
         label = f"{w.mode}|{w.base_model}|{w.user}"
         if what in ("not_trained", "gate_failed"):
             permanent.append(label)
-        elif what == "publish_failed":
+        elif what in ("publish_failed", "lost"):
             lost.append(label)
 
     base = loaded_base_model(base_model, settings)
@@ -187,6 +189,7 @@ def train_and_record(context, settings, base_model: str, works: list[AdapterWork
     ),
 )
 def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_home: LoraAssetsHome) -> None:
+    label_retry(context)
     settings = lora_home.settings()
     base_model = config.base_model
     gone = forgotten_among(context.instance, [i.user for i in config.items])
@@ -199,6 +202,8 @@ def train_adapter_batch(context: OpExecutionContext, config: AdapterBatch, lora_
     recording.plan(context, [(k(m), base_model) for m in modes for k in (adapter_key, published_key)],
                    [(adapter_key(m), GATE_CHECK, base_model, adapter_partitions) for m in modes])
     summary = recording.Summary()
+    for mode in modes:
+        summary.expect(adapter_key(mode), base_model, sum(w.mode == mode for w in works))
     try:
         permanent, lost = train_and_record(context, settings, base_model, works, summary)
     finally:  # also when training fails half way: what finished is counted

@@ -1,4 +1,4 @@
-"""Asset keys and names shared by the asset bodies, the batch jobs and the sensors."""
+"""Asset keys, names and run tags shared by the asset bodies, the batch jobs and the sensors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from dagster import AssetKey
 OWNERS = ["team:ml-platform"]
 TRAINING_POOL = "training"
 GATE_CHECK = "eval_gate"
+
+# Run tags (the run list shows them; filters on them find a user's or a retry's runs).
+TRIGGER_TAG = "lora_assets/trigger"  # dataset_changed, change_feed, backfill or retry
+ATTEMPT_TAG = "lora_assets/attempt"  # 2 and up on a retry, whoever launched it
+RETRY_OF_TAG = "lora_assets/retry_of"  # the failed run a retry redoes
+RETRY_REASON_TAG = "lora_assets/retry_reason"  # why that run failed, in one line
+PERMANENT_FAILURES = "permanent_failures"  # a batch run's Failure metadata: work that must not be retried
 
 
 def source_key(source: str) -> AssetKey:

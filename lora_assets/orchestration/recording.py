@@ -34,6 +34,8 @@ from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent, 
 from lora_assets.orchestration.keys import adapter_key, published_key
 
 Slot = tuple[AssetKey, str | None]  # an asset and its partition (a base model) or None
+# What an adapter's outcome can be once its run is done with it (``record_outcome``).
+FINISHED = ("trained", "gate_failed", "not_trained", "waiting", "withdrawn")
 
 
 def plan(
@@ -71,6 +73,17 @@ class Summary:
         self.counts: dict[Slot, Counter] = defaultdict(Counter)
         self.sums: dict[Slot, Counter] = defaultdict(Counter)
         self.versions: dict[Slot, list[str]] = defaultdict(list)
+        self.expected: Counter = Counter()  # adapters a run set out to gate, per slot
+
+    def expect(self, key: AssetKey, partition: str | None, adapters: int) -> None:
+        """Announce how many adapters of a slot this run will gate: a run that stops before all
+        of them records how many it did not (``not_gated``), and its gate check fails."""
+        self.expected[(key, partition)] += adapters
+        self.counts[(key, partition)].update({})  # the slot is recorded even if nothing finishes
+
+    def not_gated(self, key: AssetKey, partition: str | None = None) -> int:
+        counts = self.counts[(key, partition)]
+        return max(0, self.expected[(key, partition)] - sum(counts[k] for k in FINISHED))
 
     def add(self, key: AssetKey, partition: str | None, outcome: str, version: str | None = None,
             **sums: float) -> None:
@@ -94,6 +107,8 @@ class Summary:
         if counts.get("trained") or counts.get("gate_failed"):
             gated = counts.get("trained", 0) + counts.get("gate_failed", 0)
             out["mean_eval_loss_improvement"] = round(sums.get("eval_loss_improvement", 0.0) / gated, 4)
+        if self.expected[(key, partition)]:
+            out["not_gated"] = self.not_gated(key, partition)
         out["versions_digest"] = self.data_version(key, partition)
         return out
 
@@ -118,13 +133,16 @@ def gate_evaluation(summary: Summary, adapter: AssetKey, check_name: str, partit
     )
 
     counts = summary.counts[(adapter, partition)]
-    failed = counts.get("gate_failed", 0)
+    failed, unfinished = counts.get("gate_failed", 0), summary.not_gated(adapter, partition)
+    words = [f"{failed} adapter(s) did not pass; their devices keep the published version "
+             "(`lora-assets status --state stale` lists them)"] if failed else []
+    if unfinished:
+        words.append(f"{unfinished} adapter(s) were not gated: the run stopped first, and a retry trains them")
     return AssetCheckEvaluation(
-        asset_key=adapter, check_name=check_name, passed=failed == 0, partition=partition,
+        asset_key=adapter, check_name=check_name, passed=failed == 0 and unfinished == 0, partition=partition,
         metadata={"passed": counts.get("trained", 0), "failed": failed, "not_trained": counts.get("not_trained", 0),
-                  "withdrawn": counts.get("withdrawn", 0)},
-        description=(f"{failed} adapter(s) did not pass; their devices keep the published version "
-                     "(`lora-assets status --state stale` lists them)") if failed else None,
+                  "withdrawn": counts.get("withdrawn", 0), "not_gated": unfinished},
+        description="; ".join(words) or None,
         target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
             storage_id=target.storage_id, run_id=target.run_id, timestamp=target.timestamp) if target else None,
     )
@@ -157,8 +175,11 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
 
     ``publish_fn(work)`` publishes and returns the ``PublishResult`` (None: leave publication
     to the run's ``published`` step).
-    Returns what happened: forgotten, not_trained, withdrawn, gate_failed, trained (passed, not
-    published here), published or publish_failed (the drive was unreachable: lost work).
+    Returns what happened: forgotten, not_trained, waiting (too few examples: no failure),
+    withdrawn, gate_failed, trained (passed, not published here), published, or publish_failed
+    and lost (the drive was unreachable, an unexpected error: lost work, requested again).
+    An outcome that publishes nothing removes the copies trained on records deleted since
+    (``_purge``); a publication does so itself (``pipeline.publish``).
     """
     from lora_assets.orchestration.metadata import gate_metadata
     from lora_assets.orchestration.registry import is_forgotten
@@ -170,11 +191,6 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     if is_forgotten(context.instance, w.user):  # forgotten while training: keep nothing of it
         shutil.rmtree(outcome.folder, ignore_errors=True)
         return "forgotten"
-    if outcome.error:
-        state.record_failure(base, w.user, w.mode, f"not trained: {outcome.error}", run_id)
-        summary.add(adapter, base, "not_trained")
-        context.log.error(f"[{w.name}] not trained: {outcome.error}")
-        return "not_trained"
     if outcome.withdraw:
         withdrawn = withdraw(settings, w, outcome.withdraw)
         state.record_withdrawn(base, w.user, w.mode, outcome.withdraw, outcome.dataset_version, run_id)
@@ -182,6 +198,20 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
         summary.add(published_asset, base, "withdrawn", deleted_versions=len(withdrawn.deleted_versions))
         context.log.info(f"[{w.name}] withdrawn: {outcome.withdraw}; devices remove it at their next sync")
         return "withdrawn"
+    if outcome.lost:
+        summary.add(adapter, base, "lost")
+        context.log.error(f"[{w.name}] {outcome.lost}; requested again")
+        return "lost"
+    if outcome.error:
+        state.record_failure(base, w.user, w.mode, f"not trained: {outcome.error}", run_id)
+        summary.add(adapter, base, "not_trained")
+        context.log.error(f"[{w.name}] not trained: {outcome.error}")
+        return _purge(context, settings, summary, outcome, "not_trained")
+    if outcome.waiting:
+        state.record_waiting(base, w.user, w.mode, outcome.waiting, run_id)
+        summary.add(adapter, base, "waiting")
+        context.log.info(f"[{w.name}] not trained yet: {outcome.waiting}")
+        return _purge(context, settings, summary, outcome, "waiting")
     plain = adapter_metadata(outcome.result, outcome.dataset_version, outcome.training)
     gate = {"passed": outcome.gate.passed, **gate_metadata(outcome.gate)}
     state.record_adapter(base, w.user, w.mode, trained_on=plain.get("dataset_version"), adapter_version=plain["sha256"],
@@ -194,7 +224,7 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     line = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
     if not outcome.gate.passed:
         context.log.warning(f"{line}; eval gate failed: {outcome.gate.reason}")
-        return "gate_failed"
+        return _purge(context, settings, summary, outcome, "gate_failed")
     if publish_fn is None:
         context.log.info(line)
         return "trained"
@@ -207,6 +237,34 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     record_published(context, settings, summary, w, published)
     context.log.info(f"{line}; published {published.version} (flipped: {published.flipped})")  # one line per adapter
     return "published"
+
+
+def _purge(context: OpExecutionContext, settings, summary: Summary, outcome, what: str) -> str:
+    """Remove the copies of an unpublished outcome's adapter trained on records deleted since.
+    If CURRENT pointed at one it is withdrawn (devices fall back to the base model) and the user
+    is recorded as such. Returns ``what`` happened, or publish_failed when the drive failed."""
+    from lora_assets.pipeline import DELETED_REASON, purge_deleted
+
+    w = outcome.work
+    if outcome.live_examples is None:
+        return what
+    try:
+        purged = purge_deleted(settings, w, outcome.live_examples)
+    except Exception as exc:  # the drive is unreachable: requested again, until the copies are gone
+        summary.add(published_key(w.mode), w.base_model, "publish_failed")
+        context.log.error(f"[{w.name}] copies trained on deleted records not removed ({type(exc).__name__}): {exc}")
+        return "publish_failed"
+    if purged.deleted_versions:
+        summary.add(published_key(w.mode), w.base_model, "purged", deleted_versions=len(purged.deleted_versions))
+        context.log.info(f"[{w.name}] removed {len(purged.deleted_versions)} version(s) {DELETED_REASON}")
+    if purged.current_deleted:
+        why = outcome.gate.reason if outcome.gate is not None else (outcome.error or outcome.waiting)
+        reason = f"the published adapter was {DELETED_REASON}; nothing replaces it yet ({why})"
+        settings.state().record_withdrawn(w.base_model, w.user, w.mode, reason, outcome.dataset_version,
+                                          context.run.run_id)
+        summary.add(published_key(w.mode), w.base_model, "withdrawn")
+        context.log.warning(f"[{w.name}] withdrawn: {reason}; devices remove it at their next sync")
+    return what
 
 
 def latest_materialization(instance: DagsterInstance, key: AssetKey, partition: str | None = None):

@@ -44,6 +44,9 @@ class LoraAssetsHome(ConfigurableResource):
     staged_grace_s: float | None = None
     state_url: str | None = Field(default=None, description="Per-user state table, a SQLAlchemy URL ($LORA_ASSETS_STATE_URL)")
     history_retention_days: float | None = None
+    training_max_runtime_s: int | None = Field(
+        default=None, description="Seconds after which a training run is failed and its work requested again "
+        "($LORA_ASSETS_TRAINING_MAX_RUNTIME_S)")
 
     def settings(self) -> Settings:
         return Settings.from_env(**{k: v for k, v in self.model_dump().items() if v is not None})

@@ -47,20 +47,21 @@ from lora_assets.modes import MODES, modes_reading
 from lora_assets.orchestration.batches import (
     ADAPTER_BATCH_JOB,
     DATASET_BATCH_JOB,
+    TRAINING_TAG,
     USERS_TAG,
     adapter_batch_job,
     dataset_batch_job,
 )
-from lora_assets.orchestration.reconcile import ATTEMPT_TAG, FailedBatch, failed_batches
+from lora_assets.orchestration.keys import TRIGGER_TAG
+from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
 DATASET_BATCH = 1000  # dataset changes per tick
-MAX_QUEUED_TRAINING_RUNS = 8  # backfills add runs only while fewer training runs are waiting
 SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "5"))
-TRIGGER_TAG = "lora_assets/trigger"
 BACKFILL_TAG = "lora_assets/backfill"
+MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by the daemon's run monitoring
 
 
 def _load(cursor: str | None) -> dict:
@@ -159,8 +160,7 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     ]
     for batch, lost in retries:
         requests.extend(
-            _dataset_request(users, lost, f"retry:{batch.run.run_id}:{i}",
-                             {TRIGGER_TAG: "retry", ATTEMPT_TAG: str(batch.attempt + 1), "lora_assets/retry_of": batch.run.run_id})
+            _dataset_request(users, lost, f"retry:{batch.run.run_id}:{i}", batch.retry_tags())
             for i, users in enumerate(_chunks(sorted(lost), settings.users_per_run))
         )
     for request in requests:
@@ -189,6 +189,19 @@ def _config(run: DagsterRun, op_name: str) -> dict:
 def trained_versions(settings, mode: str, base: str, users: Sequence[str]) -> dict[str, str]:
     """user -> the dataset version their latest ``mode`` adapter on ``base`` was trained on."""
     return {u: r["trained_on"] for u, r in settings.state().adapters_of(mode, base, users).items() if r["trained_on"]}
+
+
+def training_slots(instance: DagsterInstance) -> int:
+    """How many training runs the run queue lets run at once: the limit on ``TRAINING_TAG`` in
+    the instance's ``tag_concurrency_limits`` (1 on the embedded default, the GPU count at scale),
+    else its ``max_concurrent_runs``."""
+    config = instance.get_concurrency_config().run_queue_config
+    if config is None:
+        return 1
+    limits = [int(c["limit"]) for c in config.tag_concurrency_limits or () if c.get("key") == TRAINING_TAG]
+    if limits:
+        return max(1, min(limits))
+    return max(1, config.max_concurrent_runs) if config.max_concurrent_runs and config.max_concurrent_runs > 0 else 1
 
 
 @dataclass(frozen=True)
@@ -226,7 +239,11 @@ class _Pending:
     def add(self, base: str, user: str, mode: str, version: str) -> None:
         self.items[base][(user, mode)] = version
 
-    def requests(self, users_per_run: int, key: str, tags: dict[str, str]) -> list[RunRequest]:
+    def requests(self, settings, key: str, tags: dict[str, str]) -> list[RunRequest]:
+        """Batch runs of up to ``users_per_run`` users, each failed (and its work requested again)
+        if it is still going after ``training_max_runtime_s`` (Dagster's run monitoring)."""
+        users_per_run = settings.users_per_run
+        tags = {**tags, MAX_RUNTIME_TAG: str(settings.training_max_runtime_s)}
         out = []
         for base, work in sorted(self.items.items()):
             users = sorted({u for u, _ in work})
@@ -313,7 +330,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         # adapter yet: nothing to do, as for a user with contacts but no messages).
         request(mode, emptied, only_if_trained=True)
     tick = _digest(after)
-    requests = pending.requests(settings.users_per_run, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
+    requests = pending.requests(settings, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
 
     for batch in failed:
         config = _config(batch.run, "train_adapters")
@@ -332,11 +349,11 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
             context.log.error(f"training run {batch.run.run_id} failed on attempt {batch.attempt}: giving up on "
                               f"{', '.join(names)} (quarantined; see that run's logs)")
             continue
-        requests.extend(lost.requests(settings.users_per_run, f"retry:{batch.run.run_id}", {
-            TRIGGER_TAG: "retry", ATTEMPT_TAG: str(batch.attempt + 1), "lora_assets/retry_of": batch.run.run_id,
-        }))
+        requests.extend(lost.requests(settings, f"retry:{batch.run.run_id}", batch.retry_tags()))
 
-    room = MAX_QUEUED_TRAINING_RUNS - flying.runs - len(requests)
+    # Backfills keep every training slot busy with one run waiting behind it, and no more: the
+    # queue stays short, so a new change's run starts right after the ones running.
+    room = 2 * training_slots(instance) - flying.runs - len(requests)
     backfills = state.setdefault("backfills", {})
     for backfill_id, request in sorted(backfill_requests(instance).items()):
         if room <= 0:
@@ -348,7 +365,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         )
         if skipped:
             context.log.info(f"backfill {backfill_id}: skipped (no training data) {skipped}")
-        new = planned.requests(settings.users_per_run, f"backfill:{backfill_id}:{_digest(backfills[backfill_id])}",
+        new = planned.requests(settings, f"backfill:{backfill_id}:{_digest(backfills[backfill_id])}",
                                {TRIGGER_TAG: "backfill", BACKFILL_TAG: backfill_id, "dagster/priority": "-1"})
         requests.extend(new)
         room -= len(new)

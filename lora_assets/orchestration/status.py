@@ -22,6 +22,7 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.modes import MODES
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, batch_users
+from lora_assets.orchestration.keys import ATTEMPT_TAG, RETRY_OF_TAG, RETRY_REASON_TAG
 from lora_assets.orchestration.registry import active_base_models
 from lora_assets.state import REASONS, STATES
 from lora_assets.state import why as state_words
@@ -123,13 +124,21 @@ def _failures(instance: DagsterInstance, users: set[str]) -> dict[str, dict[str,
     return out
 
 
-def live_adapter_runs(instance: DagsterInstance) -> dict[tuple[str, str, str], str]:
+@dataclass(frozen=True)
+class LiveRun:
+    run_id: str
+    retry: str | None = None  # on a retry: its attempt, the run it redoes and why that one failed
+
+
+def live_adapter_runs(instance: DagsterInstance) -> dict[tuple[str, str, str], LiveRun]:
     """(base model, user, mode) -> the live adapter run training it (bounded by the queue)."""
-    flying: dict[tuple[str, str, str], str] = {}
+    flying: dict[tuple[str, str, str], LiveRun] = {}
     for run in instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES))):
         config = run.run_config["ops"]["train_adapters"]["config"]
+        retry = (f"attempt {run.tags.get(ATTEMPT_TAG, '?')}, redoing run {run.tags[RETRY_OF_TAG]}, which failed: "
+                 f"{run.tags.get(RETRY_REASON_TAG, 'unknown')}") if RETRY_OF_TAG in run.tags else None
         for item in config["items"]:
-            flying[(config["base_model"], item["user"], item["mode"])] = run.run_id
+            flying[(config["base_model"], item["user"], item["mode"])] = LiveRun(run.run_id, retry)
     return flying
 
 
@@ -140,9 +149,10 @@ def _gate(row: dict[str, Any]) -> Gate | None:
                 row.get("adapter_eval_loss"), row.get("published_eval_loss"), row.get("adapter_at"))
 
 
-def to_status(base: str, mode: str, row: dict[str, Any], run_id: str | None = None,
+def to_status(base: str, mode: str, row: dict[str, Any], live: LiveRun | None = None,
               failure: dict[str, Any] | None = None) -> AdapterStatus:
     """A state-table row (``lora_assets.state.ROW_COLUMNS``) as ``status`` shows it."""
+    run_id = live.run_id if live else None
     state, why = state_words(row)
     out = AdapterStatus(
         base, row["user"], mode, state, why, dataset_version=row.get("dataset_version"),
@@ -151,13 +161,14 @@ def to_status(base: str, mode: str, row: dict[str, Any], run_id: str | None = No
         published_version=row.get("published_version"), published_at=row.get("published_at"),
         gate=_gate(row), run_in_flight=run_id, last_failure=failure,
     )
-    if out.state == STALE and run_id:
-        out.state, out.why = UPDATING, f"{out.why}; run {run_id} is training it"
+    if out.state == STALE and live:
+        out.state, out.why = UPDATING, f"{out.why}; run {run_id} is training it" + (
+            f" ({live.retry})" if live.retry else "")
     return out
 
 
 def user_status(settings, instance: DagsterInstance, user: str, modes: Sequence[str], bases: Sequence[str],
-                flying: dict[tuple[str, str, str], str]) -> list[AdapterStatus]:
+                flying: dict[tuple[str, str, str], LiveRun]) -> list[AdapterStatus]:
     """Every (base model, mode) of one user: a few indexed reads, whatever the number of users."""
     state = settings.state()
     failure = _failures(instance, {user}).get(user)
@@ -177,7 +188,7 @@ class ModeSummary:
     counts: dict[str, int]  # state -> users
 
 
-def mode_summary(settings, mode: str, base: str, flying: dict[tuple[str, str, str], str]) -> ModeSummary:
+def mode_summary(settings, mode: str, base: str, flying: dict[tuple[str, str, str], LiveRun]) -> ModeSummary:
     """Counts by state of one mode on one base model: one aggregate query, plus one indexed read
     of the adapters in flight (bounded by the run queue) to tell updating from stale."""
     state = settings.state()
@@ -226,4 +237,5 @@ def status(
                     next_after[f"{m}|{base}"] = page.next_after
     pending = feed.pending_count() if feed is not None else None
     dead = len(feed.dead_letters()) if feed is not None else None
-    return StatusReport(rows, pending, dead, len(set(flying.values())), summaries=summaries, next_after=next_after)
+    return StatusReport(rows, pending, dead, len({r.run_id for r in flying.values()}), summaries=summaries,
+                        next_after=next_after)
