@@ -161,7 +161,9 @@ def test_a_stored_record_no_mode_can_use_is_skipped_and_reported(dagster_env):
     assert meta["skipped_records"] == 1 and meta["train_rows"] > 0
     assert any("mail_reply/user-001: skipped 1 unusable record(s): mail-broken-1" in w for w in warnings)
     # ... and stays reported on later, incremental builds, until the record is fixed or deleted.
-    store.write("user-001", "mail", deletes=["mail-00001"])
+    store.write("user-001", "mail", pa.Table.from_pylist(
+        [{"id": "mail-new-1", "sender": "Sam", "subject": "hi", "body": "Lunch?", "reply": "Sure"}],
+        schema=schema_for("mail")))
     meta, _ = built()
     assert meta["incremental"] == 2 and meta["skipped_records"] == 1  # both users: from the change log
     store.write("user-001", "mail", deletes=["mail-broken-1"])

@@ -177,7 +177,7 @@ class UserStore:
                 start = i
         parts = [self._read(key) for _, _, key in segs[start:]]
         parts = [
-            t if "_op" in t.column_names else t.append_column("_op", pa.array([OP_UPSERT] * t.num_rows))
+            t if "_op" in t.column_names else t.append_column("_op", pa.array([OP_UPSERT] * t.num_rows, pa.string()))
             for t in parts
         ]
         if not parts:
@@ -225,7 +225,7 @@ def _with_op(schema: pa.Schema) -> pa.Schema:
 
 def _last_per_id(log: pa.Table) -> pa.Table:
     """Keep the last row of each id (log order = write order)."""
-    idx = pa.array(range(log.num_rows))
+    idx = pa.array(range(log.num_rows), pa.int64())
     last = (
         pa.table({"id": log["id"], "i": idx}).group_by("id", use_threads=False).aggregate([("i", "max")])
     )
