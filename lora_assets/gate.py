@@ -15,7 +15,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lora_assets.drive.publish import CorruptVersion, adapter_prefix, current_manifest, fetch_verified
+from lora_assets.drive.publish import (
+    CorruptVersion,
+    adapter_prefix,
+    current_manifest,
+    fetch_verified,
+    learned_deleted,
+)
 from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
 from lora_assets.training.jobs import TrainJob, TrainResult
@@ -83,11 +89,12 @@ def evaluate_gate(
         published, unreadable = None, f"{type(exc).__name__}: {exc}"
     stale = None
     if published is not None and job.eval and live_examples is not None:
-        trained = json.loads(files["lora_assets.json"]).get("trained_examples")
-        if isinstance(trained, dict) and not set(trained) <= live_examples:
+        metadata = json.loads(files["lora_assets.json"])
+        if learned_deleted(metadata, live_examples):
             # Trained on records the user deleted: it is removed whatever this gate says, so it
             # is no standard to hold the retrain without them to.
-            published, stale = None, f"{len(set(trained) - live_examples)} of its training examples were deleted"
+            gone = set(metadata["trained_examples"]) - live_examples
+            published, stale = None, f"{len(gone)} of its training examples were deleted"
     if published is not None and job.eval:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():

@@ -239,15 +239,15 @@ def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
     dataset's training ids) any more: drive versions (CURRENT becomes a tombstone if it points at
     one), the data dir's downloaded copies and the working copy. Returns the ``PurgeResult``.
     """
-    from lora_assets.drive.publish import purge_versions
+    from lora_assets.drive.publish import learned_deleted, purge_versions
 
     for folder in [adapter_folder(settings, work), *_subfolders(published_copies(settings, work))]:
         meta = folder / "lora_assets.json"
         try:
-            trained = json.loads(meta.read_text()).get("trained_examples") if meta.exists() else None
+            metadata = json.loads(meta.read_text()) if meta.exists() else None
         except ValueError:
-            trained = None
-        if not meta.exists() or (isinstance(trained, dict) and not set(trained) <= live):
+            metadata = None
+        if not meta.exists() or learned_deleted(metadata, live):
             shutil.rmtree(folder, ignore_errors=True)  # a half-written copy, or one of deleted data
     return purge_versions(settings.drive(), work.user, work.base_model, work.mode, live, DELETED_REASON)
 

@@ -188,12 +188,23 @@ def withdraw_adapter(drive: ObjectStore, user: str, base_model: str, mode: str, 
     if found and found[0].get("withdrawn"):
         flipped, previous = False, None
     else:
-        tombstone = {"protocol": PROTOCOL, "version": None, "withdrawn": True, "reason": reason,
-                     "created_at": datetime.now(timezone.utc).isoformat()}
-        flipped, previous = _flip_current(drive, prefix, tombstone)
+        flipped, previous = _flip_current(drive, prefix, _tombstone(reason))
     deleted = [v for v, _created, _done in list_versions(drive, user, base_model, mode)]
     _delete_versions(drive, prefix, deleted)
     return WithdrawResult(flipped, previous, tuple(deleted))
+
+
+def _tombstone(reason: str) -> dict[str, Any]:
+    return {"protocol": PROTOCOL, "version": None, "withdrawn": True, "reason": reason,
+            "created_at": datetime.now(timezone.utc).isoformat()}
+
+
+def learned_deleted(metadata: Any, live_examples: frozenset[str]) -> bool:
+    """Whether an adapter's ``lora_assets.json`` lists a training example that is not in
+    ``live_examples`` (the dataset's training ids now): it learned a record deleted since.
+    Metadata that says nothing of what it was trained on: False (cannot tell)."""
+    trained = metadata.get("trained_examples") if isinstance(metadata, dict) else None
+    return isinstance(trained, dict) and not set(trained) <= live_examples
 
 
 def _flip_current(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> tuple[bool, str | None]:
@@ -294,17 +305,15 @@ def purge_versions(drive: ObjectStore, user: str, base_model: str, mode: str, li
     doomed = []
     for version, _created, _complete in list_versions(drive, user, base_model, mode):
         try:
-            trained = json.loads(drive.get(f"{prefix}/{version}/lora_assets.json")).get("trained_examples")
-        except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+            metadata = json.loads(drive.get(f"{prefix}/{version}/lora_assets.json"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
             continue
-        if isinstance(trained, dict) and not set(trained) <= live_examples:
+        if learned_deleted(metadata, live_examples):
             doomed.append(version)
     if not doomed:
         return PurgeResult((), False)
     current = _current_version(drive, user, base_model, mode)
     if current in doomed:
-        tombstone = {"protocol": PROTOCOL, "version": None, "withdrawn": True, "reason": reason,
-                     "created_at": datetime.now(timezone.utc).isoformat()}
-        _flip_current(drive, prefix, tombstone)
+        _flip_current(drive, prefix, _tombstone(reason))
     _delete_versions(drive, prefix, doomed)
     return PurgeResult(tuple(doomed), current in doomed)

@@ -201,7 +201,7 @@ def training_slots(instance: DagsterInstance) -> int:
     limits = [int(c["limit"]) for c in config.tag_concurrency_limits or () if c.get("key") == TRAINING_TAG]
     if limits:
         return max(1, min(limits))
-    return max(1, config.max_concurrent_runs) if config.max_concurrent_runs and config.max_concurrent_runs > 0 else 1
+    return config.max_concurrent_runs if config.max_concurrent_runs > 0 else 1  # -1: no limit
 
 
 @dataclass(frozen=True)
