@@ -326,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adapter", action="store_true", help="use the bare base model")
     gen.add_argument("prompt")
     gen.set_defaults(func=_cmd_generate)
+
+    from lora_assets.cli_serve import add_serve_commands
+
+    add_serve_commands(sub, DEFAULT_BASE_MODEL)
     return parser
 
 

@@ -46,6 +46,13 @@ ENV_VARS: dict[str, str] = {
     "state_url": "LORA_ASSETS_STATE_URL",
     "history_retention_days": "LORA_ASSETS_HISTORY_RETENTION_DAYS",
     "training_max_runtime_s": "LORA_ASSETS_TRAINING_MAX_RUNTIME_S",
+    "serve_tokens_file": "LORA_ASSETS_SERVE_TOKENS_FILE",
+    "serve_max_adapters": "LORA_ASSETS_SERVE_MAX_ADAPTERS",
+    "serve_max_batch": "LORA_ASSETS_SERVE_MAX_BATCH",
+    "serve_max_concurrent": "LORA_ASSETS_SERVE_MAX_CONCURRENT",
+    "serve_max_tokens": "LORA_ASSETS_SERVE_MAX_TOKENS",
+    "serve_max_context": "LORA_ASSETS_SERVE_MAX_CONTEXT",
+    "serve_refresh_s": "LORA_ASSETS_SERVE_REFRESH_S",
 }
 
 
@@ -80,6 +87,13 @@ class Settings:
     state_url: str = ""  # per-user state table (SQLAlchemy URL); empty: SQLite at <home>/state.sqlite
     history_retention_days: float = 90.0  # per-adapter history rows older than this are pruned
     training_max_runtime_s: int = 7200  # a training batch run still going after this is failed and its work requested again
+    serve_tokens_file: str = ""  # serving API tokens (hashed); empty: <home>/serve_tokens.json
+    serve_max_adapters: int = 64  # adapters resident in a server at once (least recently used out)
+    serve_max_batch: int = 16  # requests decoded together in one forward pass
+    serve_max_concurrent: int = 256  # requests queued or decoding; more are answered 429
+    serve_max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    serve_max_context: int = 4096  # prompt + completion tokens (capped by the base model's own)
+    serve_refresh_s: float = 2.0  # a moved CURRENT (publish, withdrawal, forget) is served within this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -109,7 +123,9 @@ class Settings:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
-                     "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s"):
+                     "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s",
+                     "serve_max_adapters", "serve_max_batch", "serve_max_concurrent", "serve_max_tokens",
+                     "serve_max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
 
@@ -177,6 +193,10 @@ class Settings:
         from lora_assets.state import open_state
 
         return open_state(self.state_url or _dagster_postgres_url() or f"sqlite:///{self.home / 'state.sqlite'}")
+
+    def serve_tokens_path(self) -> Path:
+        """The serving API's hashed tokens (``lora_assets.serving.auth``)."""
+        return Path(self.serve_tokens_file).expanduser() if self.serve_tokens_file else self.home / "serve_tokens.json"
 
     def limits(self):
         """What ingest accepts (``lora_assets.data.schemas.Limits``)."""

@@ -116,6 +116,20 @@ def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) ->
     return out
 
 
+def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
+    """The version a CURRENT pointer names, as every reader takes it: the manifest checked against
+    the pointer's hash, then each file against the manifest. Returns (manifest bytes, manifest, files)."""
+    key = f"{prefix}/{pointer['version']}/{MANIFEST}"
+    try:
+        manifest_bytes = drive.get(key)
+    except FileNotFoundError:
+        raise CorruptVersion(f"{key}: missing") from None
+    if _sha256(manifest_bytes) != pointer.get("manifest_sha256"):
+        raise CorruptVersion(f"{key}: does not match the CURRENT pointer")
+    manifest = json.loads(manifest_bytes)
+    return manifest_bytes, manifest, fetch_verified(drive, prefix, manifest)
+
+
 def publish_adapter(
     drive: ObjectStore,
     user: str,

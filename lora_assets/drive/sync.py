@@ -26,7 +26,7 @@ from lora_assets.drive.publish import (
     MANIFEST,
     CorruptVersion,
     adapter_prefix,
-    fetch_verified,
+    fetch_pointed,
     read_current,
 )
 from lora_assets.storage import ObjectStore
@@ -141,11 +141,7 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
         else:
             report.unchanged.append((mode, version))
             return
-    manifest_bytes = drive.get(f"{prefix}/{version}/{MANIFEST}")
-    if hashlib.sha256(manifest_bytes).hexdigest() != pointer["manifest_sha256"]:
-        raise CorruptVersion(f"{prefix}/{version}/{MANIFEST}: does not match the CURRENT pointer")
-    manifest = json.loads(manifest_bytes)
-    files = fetch_verified(drive, prefix, manifest)
+    manifest_bytes, _, files = fetch_pointed(drive, prefix, pointer)
 
     mode_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=mode_dir))

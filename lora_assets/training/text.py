@@ -46,9 +46,19 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> TokenizedE
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of a chat up to where the assistant starts answering."""
+    """Token ids of a one-turn chat up to where the assistant starts answering."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
+    return chat_ids(tokenizer, messages)
+
+
+def chat_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a chat (``role``/``content`` turns) up to where the assistant answers next.
+
+    The serving API renders a client's conversation here, so a one-turn request is the exact
+    rendering an adapter was trained on.
+    """
+    messages = list(messages)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):

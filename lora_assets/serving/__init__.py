@@ -1,0 +1,1 @@
+"""Serving users' adapters over an OpenAI-compatible HTTP API (no Dagster)."""

@@ -1,0 +1,275 @@
+"""``lora-assets serve``: users' published adapters behind an OpenAI-compatible API.
+
+One server for the module, started as a user starts it, on adapters the product trained and
+published (``lora-assets demo``: five users' ``mail_reply`` on tiny-llama), and called with the
+official ``openai`` client and plain HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MODE = "mail_reply"
+USERS = [f"user-00{i}" for i in range(5)]
+PROMPT = "Can we move our meeting to Friday?"
+
+
+def lora_assets(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lora-assets")
+    done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@dataclass
+class Served:
+    url: str
+    env: dict[str, str]
+    data: Path
+    tokens: dict[str, str]  # user (or "admin") -> bearer token
+    log: Path
+
+    def client(self, who: str = "admin"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.tokens[who], max_retries=0, timeout=60)
+
+    def current(self, user: str) -> str | None:
+        path = self.data / "drive" / user / "adapters" / "tiny-llama" / MODE / "CURRENT"
+        return json.loads(path.read_text()).get("version") if path.exists() else None
+
+    def post(self, body: bytes | dict, who: str | None = "admin") -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if who is not None:
+            headers["Authorization"] = f"Bearer {self.tokens[who]}"
+        req = urllib.request.Request(f"{self.url}/v1/chat/completions", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as resp:
+            lines = resp.read().decode().splitlines()
+        return {k: float(v) for k, _, v in (ln.rpartition(" ") for ln in lines if ln and not ln.startswith("#"))}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, home, tiny_base):
+    tmp = tmp_path_factory.mktemp("serve")
+    data = tmp / "data"
+    data.mkdir()
+    (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
+    env = {**os.environ, "LORA_ASSETS_HOME": str(data), "DAGSTER_HOME": str(tmp / "dagster"),
+           # 3-step adapters barely move the loss: publish whatever trains.
+           "LORA_ASSETS_GATE_MARGIN": "-100", "LORA_ASSETS_GATE_TOLERANCE": "100"}
+    lora_assets("demo", "--base-model", "tiny-llama", "--users", str(len(USERS)), "--modes", MODE, "--steps", "3",
+                env=env)
+    tokens = {u: lora_assets("serve-token", "--user", u, env=env).stdout.strip() for u in USERS}
+    tokens["admin"] = lora_assets("serve-token", "--admin", env=env).stdout.strip()
+    port, log = _free_port(), tmp / "serve.log"
+    exe = Path(sys.executable).with_name("lora-assets")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--base-model", "tiny-llama", "--port", str(port), "--max-adapters", "4",
+             "--max-batch", "8", "--max-concurrent", "6", "--refresh-s", "0.5"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield Served(url, env, data, tokens, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def ask(client, user: str, max_tokens: int = 16, **kw):
+    return client.chat.completions.create(model=f"{user}/{MODE}", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=max_tokens, **kw)
+
+
+def test_the_openai_client_gets_a_users_adapter_plain_and_streaming(served):
+    client = served.client("user-000")
+    plain = ask(client, "user-000")
+    choice = plain.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert plain.usage.completion_tokens <= 16 and plain.usage.prompt_tokens > 0
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    assert plain.system_fingerprint.endswith("/" + served.current("user-000")), "the drive's CURRENT answered"
+
+    chunks = list(ask(client, "user-000", stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content, "greedy: streaming says what the plain call says"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+    base = client.chat.completions.create(model="base", messages=[{"role": "user", "content": PROMPT}], max_tokens=16)
+    assert base.system_fingerprint.endswith("/base") and base.choices[0].message.content != choice.message.content
+
+
+def test_a_served_adapter_says_what_plain_peft_says_on_the_synced_device(served, tmp_path):
+    device = tmp_path / "device"
+    lora_assets("sync", "--user", "user-001", "--device-dir", str(device), "--base-model", "tiny-llama", env=served.env)
+    peft_says = lora_assets("generate", "--device-dir", str(device), "--mode", MODE, "--base-model", "tiny-llama",
+                            "--max-new-tokens", "16", PROMPT, env=served.env).stdout.strip()
+    assert ask(served.client(), "user-001").choices[0].message.content.strip() == peft_says
+
+
+def test_a_mixed_batch_of_users_decodes_as_each_alone(served):
+    client = served.client()
+    models = [f"{u}/{MODE}" for u in USERS[:4]] + ["base"]
+
+    def one(model: str) -> str:
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                             max_tokens=24)
+        return out.choices[0].message.content
+
+    alone = {m: one(m) for m in models}
+    assert len(set(alone.values())) == len(models), "each adapter says something of its own"
+    before = served.metrics()
+    together: dict[str, str] = {}
+    start = threading.Barrier(len(models))
+
+    def concurrent(model: str) -> None:
+        start.wait()
+        together[model] = one(model)
+
+    threads = [threading.Thread(target=concurrent, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    after = served.metrics()
+    passes = after["lora_serve_batch_rows_count"] - before["lora_serve_batch_rows_count"]
+    rows = after["lora_serve_batch_rows_sum"] - before["lora_serve_batch_rows_sum"]
+    wide = passes - (after['lora_serve_batch_rows_bucket{le="2.0"}'] - before['lora_serve_batch_rows_bucket{le="2.0"}'])
+    assert wide > 0 and rows > passes, "some decoding passes held more than two users' rows"
+
+    assert ask(client, USERS[4]).choices  # a fifth adapter, four slots (--max-adapters 4)
+    m = served.metrics()
+    assert m["lora_serve_adapter_cache_evictions_total"] >= 1 and m["lora_serve_adapters_resident"] == 4
+    assert m["lora_serve_adapter_cache_misses_total"] >= len(USERS) and m["lora_serve_adapter_cache_hits_total"] > 0
+
+
+def test_a_token_may_use_only_its_users_adapters(served):
+    from openai import AuthenticationError, NotFoundError
+
+    mine = served.client("user-000")
+    assert [m.id for m in mine.models.list()] == ["base", f"user-000/{MODE}"]
+    answers = []
+    for model in (f"user-001/{MODE}", f"nobody/{MODE}", "user-000/no_such_mode"):
+        with pytest.raises(NotFoundError) as err:
+            mine.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        answers.append(err.value.body["message"].replace(model, "M"))
+    assert len(set(answers)) == 1, "another user's adapter looks exactly like a missing one"
+    assert ask(served.client("admin"), "user-001", max_tokens=2).choices[0].message.content is not None
+
+    for who in (None, "wrong"):
+        served.tokens["wrong"] = "la-not-a-token"
+        status, body = served.post({"model": "base", "messages": [{"role": "user", "content": "hi"}]}, who=who)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(AuthenticationError):
+        served.client("wrong").models.list()
+
+
+def test_bad_requests_get_openai_error_objects_never_a_500(served):
+    from openai import BadRequestError
+
+    msg = [{"role": "user", "content": "hi"}]
+    cases = {
+        b"{not json": (400, None),
+        json.dumps({"model": "base"}).encode(): (400, None),  # no messages
+        json.dumps({"model": "base", "messages": [{"role": "robot", "content": "x"}]}).encode(): (400, None),
+        json.dumps({"model": "base", "messages": msg, "max_tokens": 10**6}).encode(): (400, "invalid_value"),
+        json.dumps({"model": "base", "messages": msg, "temperature": "hot"}).encode(): (400, "invalid_value"),
+        json.dumps({"model": "base", "messages": msg, "n": 3}).encode(): (400, None),
+        json.dumps({"model": f"user-000/{MODE}", "messages": [{"role": "user", "content": "word " * 3000}],
+                    "max_tokens": 8}).encode(): (400, "context_length_exceeded"),
+        json.dumps({"model": "../../etc/mail_reply", "messages": msg}).encode(): (404, "model_not_found"),
+    }
+    for body, (status, code) in cases.items():
+        got, answer = served.post(body)
+        assert (got, answer["error"]["code"]) == (status, code), body[:80]
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    with pytest.raises(BadRequestError, match="maximum context length"):
+        served.client().chat.completions.create(model="base", messages=[{"role": "user", "content": "word " * 3000}])
+
+    results: list[int] = []  # the server takes 6 requests in flight (--max-concurrent 6)
+    start = threading.Barrier(16)
+
+    def flood() -> None:
+        start.wait()
+        got, answer = served.post({"model": "base", "messages": msg, "max_tokens": 200})
+        results.append(got)
+        if got == 429:
+            assert answer["error"]["type"] == "rate_limit_error"
+
+    threads = [threading.Thread(target=flood) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 429 in results and 200 in results and set(results) <= {200, 429}
+
+
+def test_a_new_publish_is_served_and_a_forgotten_user_is_not(served, tmp_path):
+    client = served.client()
+    old = served.current("user-000")
+    assert ask(client, "user-000").system_fingerprint.endswith(old)
+    mail = tmp_path / "mail.jsonl"
+    mail.write_text(json.dumps({"id": "new-1", "sender": "Ana", "subject": "Friday", "body": "Lunch on Friday?",
+                                "reply": "Friday works, see you at noon."}) + "\n")
+    lora_assets("ingest", "--user", "user-000", "--source", "mail", str(mail), env=served.env)
+    lora_assets("demo", "--base-model", "tiny-llama", "--users", "1", "--modes", MODE, "--steps", "3", env=served.env)
+    new = served.current("user-000")
+    assert new and new != old, "the retrain on the new mail was published"
+    deadline = time.monotonic() + 30  # a liveness bound; the server's bound is --refresh-s 0.5
+    while not ask(client, "user-000").system_fingerprint.endswith(new):
+        assert time.monotonic() < deadline, "the new version was never served"
+        time.sleep(0.2)
+
+    assert ask(client, "user-003", max_tokens=2).choices
+    lora_assets("forget", "--user", "user-003", "--wait", "5", env=served.env)
+    assert served.current("user-003") is None
+    deadline = time.monotonic() + 30
+    while (status := served.post({"model": f"user-003/{MODE}", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 2})[0]) == 200:
+        assert time.monotonic() < deadline, "a forgotten user's adapter was still served"
+        time.sleep(0.2)
+    assert status == 404
+    assert served.metrics()["lora_serve_adapters_resident"] <= 3, "old and forgotten versions left memory"
