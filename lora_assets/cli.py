@@ -340,9 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, KeyError, BaseModelError, OSError) as exc:
+    except (ValueError, KeyError, BaseModelError, OSError, *_storage_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors (no credentials, an unreachable endpoint, access denied): one line, no traceback."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
 
 
 if __name__ == "__main__":

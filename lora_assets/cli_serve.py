@@ -21,16 +21,19 @@ def _cmd_serve_token(args: argparse.Namespace) -> int:
     from lora_assets.serving.auth import issue_token, revoke_user
     from lora_assets.settings import Settings
 
-    path = Settings.from_env().serve_tokens_path()
+    source = Settings.from_env().serve_tokens()
     if args.revoke:
-        n = revoke_user(path, args.user)
-        print(f"revoked {n} token(s) of {args.user} in {path}")
+        if not args.user:
+            print("error: --revoke needs --user USER", file=sys.stderr)
+            return 2
+        n = revoke_user(source, args.user)
+        print(f"revoked {n} token(s) of {args.user} in {source.name}")
         return 0
     if bool(args.user) == bool(args.admin):
         print("error: give --user USER or --admin", file=sys.stderr)
         return 2
-    print(issue_token(path, None if args.admin else args.user))
-    print(f"(stored hashed in {path}; this is the only time the token is shown)", file=sys.stderr)
+    print(issue_token(source, None if args.admin else args.user))
+    print(f"(stored hashed in {source.name}; this is the only time the token is shown)", file=sys.stderr)
     return 0
 
 

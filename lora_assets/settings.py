@@ -87,7 +87,7 @@ class Settings:
     state_url: str = ""  # per-user state table (SQLAlchemy URL); empty: SQLite at <home>/state.sqlite
     history_retention_days: float = 90.0  # per-adapter history rows older than this are pruned
     training_max_runtime_s: int = 7200  # a training batch run still going after this is failed and its work requested again
-    serve_tokens_file: str = ""  # serving API tokens (hashed); empty: <home>/serve_tokens.json
+    serve_tokens_file: str = ""  # serving API tokens (hashed): a path or s3://bucket/key; empty: <home>/serve_tokens.json
     serve_max_adapters: int = 64  # adapters resident in a server at once (least recently used out)
     serve_max_batch: int = 16  # requests decoded together in one forward pass
     serve_max_concurrent: int = 256  # requests queued or decoding; more are answered 429
@@ -134,11 +134,11 @@ class Settings:
 
     # --- storage ----------------------------------------------------------------------------
 
-    def s3_client(self):
+    def s3_client(self, need_bucket: bool = True):
         import boto3
         from botocore.config import Config
 
-        if not self.s3_bucket:
+        if need_bucket and not self.s3_bucket:
             raise ValueError("backend 's3' needs a bucket: set LORA_ASSETS_S3_BUCKET")
         return boto3.client(
             "s3", endpoint_url=self.s3_endpoint_url or None, region_name=self.region,
@@ -194,9 +194,14 @@ class Settings:
 
         return open_state(self.state_url or _dagster_postgres_url() or f"sqlite:///{self.home / 'state.sqlite'}")
 
-    def serve_tokens_path(self) -> Path:
-        """The serving API's hashed tokens (``lora_assets.serving.auth``)."""
-        return Path(self.serve_tokens_file).expanduser() if self.serve_tokens_file else self.home / "serve_tokens.json"
+    def serve_tokens(self):
+        """Where the serving API's hashed tokens live (``lora_assets.serving.auth``)."""
+        from lora_assets.serving.auth import LocalTokens, S3Tokens
+
+        if self.serve_tokens_file.startswith("s3://"):
+            return S3Tokens(self.s3_client(need_bucket=False), self.serve_tokens_file)
+        return LocalTokens(Path(self.serve_tokens_file).expanduser() if self.serve_tokens_file
+                           else self.home / "serve_tokens.json")
 
     def limits(self):
         """What ingest accepts (``lora_assets.data.schemas.Limits``)."""

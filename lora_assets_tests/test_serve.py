@@ -7,6 +7,7 @@ official ``openai`` client and plain HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,14 +89,19 @@ def served(tmp_path_factory, home, tiny_base):
                 env=env)
     tokens = {u: lora_assets("serve-token", "--user", u, env=env).stdout.strip() for u in USERS}
     tokens["admin"] = lora_assets("serve-token", "--admin", env=env).stdout.strip()
-    port, log = _free_port(), tmp / "serve.log"
+    with _server(env, tmp / "serve.log", "--max-adapters", "4", "--max-batch", "8", "--max-concurrent", "6",
+                 "--refresh-s", "0.5") as url:
+        yield Served(url, env, data, tokens, tmp / "serve.log")
+
+
+@contextlib.contextmanager
+def _server(env: dict[str, str], log: Path, *args: str):
+    """``lora-assets serve`` on a free port of 127.0.0.1 until the block ends; yields its URL."""
+    port = _free_port()
     exe = Path(sys.executable).with_name("lora-assets")
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(exe), "serve", "--base-model", "tiny-llama", "--port", str(port), "--max-adapters", "4",
-             "--max-batch", "8", "--max-concurrent", "6", "--refresh-s", "0.5"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        proc = subprocess.Popen([str(exe), "serve", "--base-model", "tiny-llama", "--port", str(port), *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -106,7 +112,7 @@ def served(tmp_path_factory, home, tiny_base):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
-        yield Served(url, env, data, tokens, log)
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -273,3 +279,100 @@ def test_a_new_publish_is_served_and_a_forgotten_user_is_not(served, tmp_path):
         time.sleep(0.2)
     assert status == 404
     assert served.metrics()["lora_serve_adapters_resident"] <= 3, "old and forgotten versions left memory"
+
+
+def test_adapters_and_tokens_are_read_from_s3(served, aws, tmp_path):
+    from lora_assets.settings import Settings
+
+    creds = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    env = {**served.env, **creds, "LORA_ASSETS_BACKEND": "s3", "LORA_ASSETS_S3_BUCKET": aws["bucket"],
+           "LORA_ASSETS_S3_ENDPOINT_URL": aws["endpoint"],
+           "LORA_ASSETS_SERVE_TOKENS_FILE": f"s3://{aws['bucket']}/serving/tokens.json",
+           "LORA_ASSETS_HOME": str(tmp_path / "data")}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "base_models").symlink_to(served.data / "base_models", target_is_directory=True)
+    local = Settings.from_env(dict(served.env)).drive()
+    drive = Settings.from_env(env).drive()
+    for key in local.list("user-001"):  # the user's drive, as the S3 backend publishes it
+        drive.put(key, local.get(key))
+    token = lora_assets("serve-token", "--user", "user-001", env=env).stdout.strip()
+    with _server(env, tmp_path / "serve.log", "--refresh-s", "0.5") as url:
+        from openai import AuthenticationError, OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        out = ask(client, "user-001")
+        assert out.system_fingerprint.endswith("/" + served.current("user-001"))
+        assert out.choices[0].message.content == ask(served.client(), "user-001").choices[0].message.content
+
+        later = OpenAI(base_url=f"{url}/v1", api_key=lora_assets("serve-token", "--user", "user-002", env=env)
+                       .stdout.strip(), max_retries=0)
+        deadline = time.monotonic() + 30  # a token issued while serving works within --refresh-s
+        while True:
+            try:
+                assert [m.id for m in later.models.list()] == ["base"]
+                break
+            except AuthenticationError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+
+def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
+    """The GPU's dtype on this CPU: the fp32 LoRA product on a bf16 base, batched and alone.
+
+    bf16 is not batch-invariant (a row's rounding depends on the batch shape), so greedy tokens may
+    part after a while; the check is on the logits instead: a mixed batch gives each row what it
+    gets alone within bf16 rounding, and that is far from what another adapter (or none) gives.
+    Then the engine decodes the bf16 mixed batch to the end.
+    """
+    import torch
+
+    from lora_assets.serving.adapters import load_weights, read_pointer
+    from lora_assets.serving.engine import Engine, Job, Sampling
+    from lora_assets.serving.slots import AdapterSlots
+    from lora_assets.settings import Settings
+    from lora_assets.training import load_base_model
+    from lora_assets.training.text import chat_prompt_ids
+
+    base = load_base_model("tiny-llama", served.data, "cpu", "bf16")
+    slots = AdapterSlots(base.model, {"q_proj", "k_proj", "v_proj", "o_proj"}, 5, 16)
+    drive = Settings.from_env(dict(served.env)).drive()
+    for slot, user in enumerate(["user-001", "user-002", "user-004"], start=1):
+        pointer = read_pointer(drive, user, "tiny-llama", MODE)
+        slots.write(slot, load_weights(drive, user, "tiny-llama", MODE, pointer, base.ref.revision))
+    prompts = [chat_prompt_ids(base.tokenizer, p) for p in (PROMPT, "hi", "Please send the report by noon", "Lunch?")]
+    routes = [1, 2, 3, 0]  # three users and the base model
+
+    def last_logits(rows: list[list[int]], slot_of_rows: list[int]) -> torch.Tensor:
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        slots.select(slot_of_rows)
+        with torch.inference_mode():
+            out = base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    mixed = last_logits(prompts, routes)
+    for row, (prompt, slot) in enumerate(zip(prompts, routes)):
+        alone = last_logits([prompt], [slot])[0]
+        assert (mixed[row] - alone).abs().max() <= 0.05, "a mixed row is what it is alone, up to bf16 rounding"
+        for other in {0, 1, 2, 3} - {slot}:
+            assert (last_logits([prompt], [other])[0] - alone).abs().max() > 0.1, "each row has its own adapter"
+
+    engine = Engine(base.model, base.tokenizer, slots, max_batch=8, max_concurrent=8)
+    engine.start()
+    finished: list[tuple[str, int]] = []
+    done = threading.Barrier(len(prompts) + 1)
+
+    def emit(delta, finish, n):
+        if finish:
+            finished.append((finish, n))
+            threading.Thread(target=done.wait).start()
+
+    try:
+        for prompt, slot in zip(prompts, routes):
+            engine.submit(Job(prompt, slot, Sampling(max_tokens=12), emit))
+        done.wait(timeout=120)
+        assert len(finished) == len(prompts) and {f for f, _ in finished} <= {"stop", "length"}
+    finally:
+        engine.stop()

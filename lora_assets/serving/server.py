@@ -81,7 +81,8 @@ class Server:
         self.engine = Engine(base.model, base.tokenizer, self.slots, options.max_batch, options.max_concurrent,
                              on_step=lambda n: self.metrics.batch_rows.observe(n))
         self.metrics = ServeMetrics(self.cache, lambda: self.engine.in_flight)
-        self.tokens = TokenFile(settings.serve_tokens_path())
+        tokens = settings.serve_tokens()
+        self.tokens = TokenFile(tokens, options.refresh_s if tokens.name.startswith("s3://") else 0.0)
         self._sweeper = threading.Thread(target=self._sweep, name="lora-assets-sweep", daemon=True)
         self._stopping = threading.Event()
 
@@ -288,7 +289,7 @@ def serve(settings: Settings, options: ServeOptions, host: str, port: int) -> No
     server = Server(settings, options)
     server.start()
     print(f"serving {options.base_model} on http://{host}:{port}/v1 "
-          f"(tokens: {server.tokens.path}, up to {options.max_adapters} adapters resident)", flush=True)
+          f"(tokens: {server.tokens.source.name}, up to {options.max_adapters} adapters resident)", flush=True)
     try:
         uvicorn.run(build_app(server), host=host, port=port, log_level="warning", access_log=False)
     finally:
