@@ -47,6 +47,8 @@ def test_ecs_task_definitions_policies_and_notifications_are_accepted_and_set_ev
 
     ecs, iam = client("ecs"), client("iam")
     needed = REQUIRED_SETTINGS | _instance_env_vars(ECS / "dagster.yaml") | {"DAGSTER_HOME"}
+    serve_needed = {"LORA_ASSETS_HOME", "LORA_ASSETS_BACKEND", "LORA_ASSETS_S3_BUCKET", "AWS_REGION",
+                    "LORA_ASSETS_SERVE_TOKENS_FILE"}  # the server reads the drive and tokens, not Dagster
     families = set()
     for path in sorted((ECS / "task-definitions").glob("*.json")):
         definition = _filled(path, aws["bucket"])
@@ -54,12 +56,17 @@ def test_ecs_task_definitions_policies_and_notifications_are_accepted_and_set_ev
         families.add(registered["family"])
         (container,) = registered["containerDefinitions"]
         names = {e["name"] for e in container["environment"]} | {s["name"] for s in container.get("secrets", [])}
-        assert needed <= names, f"{path.name}: missing {sorted(needed - names)}"
         assert names - {"DAGSTER_HOME"} <= set(ENV_VARS.values()) | _instance_env_vars(ECS / "dagster.yaml"), path.name
+        if registered["family"] == "lora-assets-serve":
+            assert serve_needed <= names, f"{path.name}: missing {sorted(serve_needed - names)}"
+            assert container["command"][:2] == ["lora-assets", "serve"] and container["portMappings"][0]["containerPort"] == 8000
+            assert {"type": "GPU", "value": "1"} in container["resourceRequirements"]
+            continue
+        assert needed <= names, f"{path.name}: missing {sorted(needed - names)}"
         home = next(e["value"] for e in container["environment"] if e["name"] == "DAGSTER_HOME")
         assert (PROJECT / home.removeprefix("/opt/lora_assets/") / "dagster.yaml").is_file(), "DAGSTER_HOME in the image"
     assert families == {"lora-assets-webserver", "lora-assets-daemon", "lora-assets-code-server", "lora-assets-run",
-                        "lora-assets-run-cpu"}
+                        "lora-assets-run-cpu", "lora-assets-serve"}
     run = _filled(ECS / "task-definitions" / "run-worker.json", aws["bucket"])
     cpu_run = _filled(ECS / "task-definitions" / "run-worker-cpu.json", aws["bucket"])
     launcher = yaml.safe_load((ECS / "dagster.yaml").read_text())["run_launcher"]["config"]
@@ -224,6 +231,18 @@ def test_helm_values_render_the_k8s_instance_and_the_settings_configmap_is_compl
     from dagster_k8s.job import get_user_defined_k8s_config
 
     from lora_assets.orchestration.batches import adapter_batch_job, dataset_batch_job
+
+    # The serving Deployment runs the CLI's serve on a GPU node, reads every setting, and the
+    # Service points at the port it listens on.
+    deployment, service = yaml.safe_load_all((K8S / "serve.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["lora-assets", "serve"] and "--port" in container["command"]
+    port = int(container["command"][container["command"].index("--port") + 1])
+    assert container["ports"][0]["containerPort"] == port and service["spec"]["ports"][0]["targetPort"] == "http"
+    assert container["envFrom"] == [{"configMapRef": {"name": name}}]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert configmap["data"]["LORA_ASSETS_SERVE_TOKENS_FILE"].startswith("s3://")
 
     training = get_user_defined_k8s_config(adapter_batch_job.tags)
     assert training.container_config["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -60,6 +60,11 @@ class Server:
 
         self.options = options
         self.modes = MODES
+        shared = settings.shared_base_models()
+        if shared is not None:  # on S3, a fresh serving replica fetches the base as a run worker does
+            from lora_assets.base_model_store import ensure_local
+
+            ensure_local(shared, options.base_model, settings.home)
         base = load_base_model(options.base_model, settings.home, settings.device, settings.dtype)
         self.base = base
         self.tokenizer = base.tokenizer
