@@ -334,24 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lora_assets.storage import storage_errors
     from lora_assets.training.base_models import BaseModelError
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, KeyError, BaseModelError, OSError, *_storage_errors()) as exc:
+    except (ValueError, KeyError, BaseModelError, OSError, *storage_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _storage_errors() -> tuple[type[Exception], ...]:
-    """botocore's errors (no credentials, an unreachable endpoint, access denied): one line, no traceback."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return ()
-    return (BotoCoreError, ClientError)
 
 
 if __name__ == "__main__":

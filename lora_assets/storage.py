@@ -23,6 +23,16 @@ from typing import Any, Protocol
 _KEY_RE = re.compile(r"^[A-Za-z0-9@._-]+(/[A-Za-z0-9@._-]+)*$")
 
 
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What a store raises when it cannot be reached or read (no credentials, an unreachable
+    endpoint, access denied), besides ``OSError``: botocore's errors, where boto3 is installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
+
+
 class PreconditionFailed(RuntimeError):
     """A conditional write lost: the object exists, or changed since it was read."""
 

@@ -235,6 +235,17 @@ def test_bad_requests_get_openai_error_objects_never_a_500(served):
     with pytest.raises(BadRequestError, match="maximum context length"):
         served.client().chat.completions.create(model="base", messages=[{"role": "user", "content": "word " * 3000}])
 
+    pointer = served.data / "drive" / "user-004" / "adapters" / "tiny-llama" / MODE / "CURRENT"
+    good = pointer.read_bytes()
+    pointer.write_bytes(good[: len(good) // 2])  # a torn CURRENT: that user's trouble, a 503 naming it
+    try:
+        time.sleep(1.0)  # past --refresh-s
+        got, answer = served.post({"model": f"user-004/{MODE}", "messages": msg, "max_tokens": 2})
+        assert (got, answer["error"]["code"]) == (503, "adapter_unavailable") and "CURRENT" in answer["error"]["message"]
+        assert served.post({"model": f"user-002/{MODE}", "messages": msg, "max_tokens": 2})[0] == 200
+    finally:
+        pointer.write_bytes(good)
+
     results: list[int] = []  # the server takes 6 requests in flight (--max-concurrent 6)
     start = threading.Barrier(16)
 
@@ -376,3 +387,4 @@ def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
         assert len(finished) == len(prompts) and {f for f, _ in finished} <= {"stop", "length"}
     finally:
         engine.stop()
+

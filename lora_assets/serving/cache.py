@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from lora_assets.serving.adapters import Pointer, Unservable
 from lora_assets.serving.slots import BASE_SLOT, AdapterSlots, AdapterWeights
+from lora_assets.storage import storage_errors
 
 Key = tuple[str, str]  # (user, mode)
 
@@ -141,7 +142,7 @@ class AdapterCache:
         for user, mode in due:
             try:
                 self.pointer(user, mode)
-            except (OSError, ValueError):
+            except (OSError, ValueError, *storage_errors()):
                 continue  # an unreadable pointer keeps what is resident until it reads again
 
     # --- under the lock -----------------------------------------------------------------------

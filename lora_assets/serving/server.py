@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lora_assets.data.user_store import InvalidUserId, validate_user_id
+from lora_assets.drive.publish import CorruptVersion
 from lora_assets.serving import api
 from lora_assets.serving.adapters import Unservable, load_weights, read_pointer
 from lora_assets.serving.auth import Principal, TokenFile
@@ -28,6 +29,7 @@ from lora_assets.serving.engine import Busy, Engine, Job
 from lora_assets.serving.metrics import CONTENT_TYPE, ServeMetrics
 from lora_assets.serving.slots import AdapterSlots
 from lora_assets.settings import Settings
+from lora_assets.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +124,11 @@ class Server:
             raise api.model_not_found(chat.model) from None
         except SlotsBusy as exc:
             raise api.ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
-        except Unservable as exc:
+        except (Unservable, CorruptVersion) as exc:  # CorruptVersion: an unreadable CURRENT
             log.warning("cannot serve %s: %s", chat.model, exc)
             raise api.ApiError(503, f"the adapter '{chat.model}' cannot be served now: {exc}", "server_error",
                                code="adapter_unavailable") from None
-        except OSError as exc:
+        except (OSError, *storage_errors()) as exc:
             log.warning("drive unreadable for %s: %s", chat.model, exc)
             raise api.ApiError(503, f"the drive could not be read for '{chat.model}'; try again", "server_error",
                                code="drive_unavailable") from None
@@ -153,8 +155,15 @@ class Server:
             names = sorted({f"{u}/{m}" for u, m, _ in self.cache.resident_keys()})
         else:
             names = [f"{principal.user}/{m}" for m in published_modes(self.drive, principal.user, self.options.base_model)
-                     if m in self.modes and read_pointer(self.drive, principal.user, self.options.base_model, m).version]
+                     if m in self.modes and self._live(principal.user, m)]
         return entries + [{"id": n, "object": "model", "created": 0, "owned_by": n.partition("/")[0]} for n in names]
+
+
+    def _live(self, user: str, mode: str) -> bool:
+        try:
+            return self.cache.pointer(user, mode).version is not None
+        except CorruptVersion:
+            return False
 
 
 def build_app(server: Server) -> Starlette:
