@@ -289,7 +289,18 @@ def test_a_new_publish_is_served_and_a_forgotten_user_is_not(served, tmp_path):
         assert time.monotonic() < deadline, "a forgotten user's adapter was still served"
         time.sleep(0.2)
     assert status == 404
-    assert served.metrics()["lora_serve_adapters_resident"] <= 3, "old and forgotten versions left memory"
+    # A withdrawal (the pipeline's tombstone when a user's data for the mode is gone) reads the same.
+    from lora_assets.drive.publish import withdraw_adapter
+    from lora_assets.settings import Settings
+
+    assert ask(client, "user-002", max_tokens=2).choices
+    withdraw_adapter(Settings.from_env(dict(served.env)).drive(), "user-002", "tiny-llama", MODE, "no data left")
+    deadline = time.monotonic() + 30
+    while served.post({"model": f"user-002/{MODE}", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2})[0] == 200:
+        assert time.monotonic() < deadline, "a withdrawn adapter was still served"
+        time.sleep(0.2)
+    assert served.metrics()["lora_serve_adapters_resident"] <= 2, "old, forgotten and withdrawn versions left memory"
 
 
 def test_adapters_and_tokens_are_read_from_s3(served, aws, tmp_path):
@@ -347,7 +358,7 @@ def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
     base = load_base_model("tiny-llama", served.data, "cpu", "bf16")
     slots = AdapterSlots(base.model, {"q_proj", "k_proj", "v_proj", "o_proj"}, 5, 16)
     drive = Settings.from_env(dict(served.env)).drive()
-    for slot, user in enumerate(["user-001", "user-002", "user-004"], start=1):
+    for slot, user in enumerate(["user-001", "user-000", "user-004"], start=1):  # still published
         pointer = read_pointer(drive, user, "tiny-llama", MODE)
         slots.write(slot, load_weights(drive, user, "tiny-llama", MODE, pointer, base.ref.revision))
     prompts = [chat_prompt_ids(base.tokenizer, p) for p in (PROMPT, "hi", "Please send the report by noon", "Lunch?")]
