@@ -143,6 +143,14 @@ def test_the_openai_client_gets_a_users_adapter_plain_and_streaming(served):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
+    words = choice.message.content.split()
+    if len(words) > 2:  # a stop string ends the text before it, with finish_reason "stop"
+        stopped = ask(client, "user-000", stop=[words[2]])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].message.content == choice.message.content[: choice.message.content.index(words[2])]
+    sampled = [ask(client, "user-000", temperature=1.0, seed=s).choices[0].message.content for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2], "sampling follows the seed"
+
     base = client.chat.completions.create(model="base", messages=[{"role": "user", "content": PROMPT}], max_tokens=16)
     assert base.system_fingerprint.endswith("/base") and base.choices[0].message.content != choice.message.content
 
