@@ -235,11 +235,15 @@ def test_bad_requests_get_openai_error_objects_never_a_500(served):
         json.dumps({"model": f"user-000/{MODE}", "messages": [{"role": "user", "content": "word " * 3000}],
                     "max_tokens": 8}).encode(): (400, "context_length_exceeded"),
         json.dumps({"model": "../../etc/mail_reply", "messages": msg}).encode(): (404, "model_not_found"),
+        b'{"model": "base", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}": (400, None),
+        json.dumps({"model": "base", "messages": msg, "temperature": 1, "seed": 2**64}).encode(): (400, "invalid_value"),
     }
     for body, (status, code) in cases.items():
         got, answer = served.post(body)
         assert (got, answer["error"]["code"]) == (status, code), body[:80]
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    tiny = served.post({"model": "base", "messages": msg, "max_tokens": 4, "temperature": 1e-40})
+    assert tiny[0] == 200, "a vanishing temperature is greedy, not a failed batch"
     with pytest.raises(BadRequestError, match="maximum context length"):
         served.client().chat.completions.create(model="base", messages=[{"role": "user", "content": "word " * 3000}])
 
@@ -389,7 +393,8 @@ def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
         for other in {0, 1, 2, 3} - {slot}:
             assert (last_logits([prompt], [other])[0] - alone).abs().max() > 0.1, "each row has its own adapter"
 
-    engine = Engine(base.model, base.tokenizer, slots, max_batch=8, max_concurrent=8)
+    passes: list[int] = []
+    engine = Engine(base.model, base.tokenizer, slots, max_batch=3, max_concurrent=8, on_step=passes.append)
     engine.start()
     finished: list[tuple[str, int]] = []
     done = threading.Barrier(len(prompts) + 1)
@@ -404,6 +409,7 @@ def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
             engine.submit(Job(prompt, slot, Sampling(max_tokens=12), emit))
         done.wait(timeout=120)
         assert len(finished) == len(prompts) and {f for f, _ in finished} <= {"stop", "length"}
+        assert max(passes) == 3, "four requests, at most --max-batch 3 rows per pass; the fourth joins later"
     finally:
         engine.stop()
 

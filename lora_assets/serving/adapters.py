@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from safetensors import SafetensorError
+
 from lora_assets.drive.publish import CorruptVersion, adapter_prefix, fetch_pointed, read_current
 from lora_assets.serving.slots import AdapterWeights
 from lora_assets.storage import ObjectStore
@@ -41,8 +43,6 @@ def read_pointer(drive: ObjectStore, user: str, base_model: str, mode: str) -> P
 def load_weights(drive: ObjectStore, user: str, base_model: str, mode: str, pointer: Pointer,
                  base_revision: str, device: str = "cpu") -> AdapterWeights:
     """The verified tensors of the version ``pointer`` names."""
-    from safetensors.torch import load
-
     prefix = adapter_prefix(user, base_model, mode)
     where = f"{prefix}/{pointer.version}"
     try:
@@ -52,6 +52,17 @@ def load_weights(drive: ObjectStore, user: str, base_model: str, mode: str, poin
     if manifest.get("base_model_revision") not in (None, base_revision):
         raise Unservable(f"{where}: trained on base revision {manifest['base_model_revision']}, "
                          f"the server runs {base_revision}")
+    try:
+        return _weights(files, where, device)
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:  # a config or tensor file that does not parse
+        if isinstance(exc, Unservable):
+            raise
+        raise Unservable(f"{where}: not a usable PEFT adapter ({exc})") from None
+
+
+def _weights(files: dict[str, bytes], where: str, device: str) -> AdapterWeights:
+    from safetensors.torch import load
+
     config = json.loads(files["adapter_config.json"])
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise Unservable(f"{where}: a LoRA variant the server does not serve (DoRA or per-module ranks)")

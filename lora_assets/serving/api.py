@@ -54,6 +54,8 @@ class ChatRequest:
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "The JSON body of your request is nested too deeply.") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).") from None
     if not isinstance(body, dict):
@@ -85,8 +87,8 @@ def parse_chat(body: dict[str, Any], modes: set[str], max_tokens_limit: int) -> 
     if top_p == 0.0:
         raise ApiError(400, "top_p must be above 0", param="top_p", code="invalid_value")
     seed = body.get("seed")
-    if seed is not None and not _int(seed):
-        raise ApiError(400, "seed must be an integer", param="seed")
+    if seed is not None and not (_int(seed) and 0 <= seed < 2**63):
+        raise ApiError(400, "seed must be an integer from 0 to 2**63 - 1", param="seed", code="invalid_value")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_assets.data.user_store import validate_user_id
+from lora_assets.storage import storage_errors
 
 TOKEN_PREFIX = "la-"
 
@@ -165,6 +166,6 @@ class TokenFile:
             return None
         try:
             self._load()
-        except (ValueError, OSError):
+        except (ValueError, OSError, *storage_errors()):
             pass  # a half-edited or unreadable file: keep the tokens read last time
         return self._principals.get(_digest(authorization[len("Bearer "):].strip()))

@@ -116,13 +116,19 @@ class AdapterCache:
                 except ValueError as exc:
                     raise Unservable(f"{user}/{mode} version {pointer.version}: {exc}") from None
                 with self._cond:
-                    slot = self._slot_for(key)
+                    if key in self._entries:  # loaded by a request that raced this one
+                        return self._take(key)
+                    slot = self._slot_for(key)  # may wait, releasing the lock
+                    if key in self._entries:
+                        self._free.append(slot)
+                        return self._take(key)
                     self.slots.write(slot, weights)
                     self._entries[key] = _Entry(slot)
                     return self._take(key)
             finally:
                 with self._cond:
-                    self._loading.pop(key, None)
+                    if self._loading.get(key) is lock:
+                        del self._loading[key]
 
     def release(self, lease: Lease) -> None:
         if lease.key is None:

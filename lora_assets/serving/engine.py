@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, "str | None", int], None]
 
 
+GREEDY_BELOW = 1e-3  # a temperature this small is greedy (dividing by it would overflow)
+
+
 class Busy(RuntimeError):
     """More requests than ``max_concurrent`` are in flight."""
 
@@ -52,6 +55,7 @@ class Job:
     emit: Emit
     on_done: Callable[[], None] = lambda: None  # releases the adapter lease
     cancelled: bool = False  # the client went away: the row leaves at the next step
+    finished: bool = False  # counted out of in-flight and its lease released (once)
 
 
 @dataclass(eq=False)
@@ -117,14 +121,23 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._decode()
-                except Exception as exc:  # a failed pass fails the requests in it, not the server
+                except Exception:  # a failed pass fails the requests in it, not the server
                     log.exception("decoding pass failed")
-                    for row in self._rows:
-                        row.job.emit("", "error", len(row.generated))
-                        row.done = True
-                    self._drop_finished(str(exc))
+                    try:
+                        self._fail(self._rows)
+                        self._rows, self._cache, self._mask = [], None, None
+                    except Exception:
+                        log.exception("could not fail the requests of a failed pass")
+
+    def _fail(self, rows: list[_Row]) -> None:
+        for row in rows:
+            if not row.job.finished:
+                row.job.emit("", "error", len(row.generated))
+                self._finish(row.job)
 
     def _admit(self) -> None:
+        if len(self._rows) >= self.max_batch:
+            return  # waiting requests join as rows finish
         jobs: list[Job] = []
         try:
             jobs.append(self._queue.get(timeout=0.05) if not self._rows else self._queue.get_nowait())
@@ -135,18 +148,23 @@ class Engine:
         for job in [j for j in jobs if j.cancelled]:
             self._finish(job)
         jobs = [j for j in jobs if not j.cancelled]
-        if jobs:
+        if not jobs:
+            return
+        try:
             self._prefill(jobs)
+        except Exception:
+            self._fail([_Row(job=j, pos=0) for j in jobs if not any(r.job is j for r in self._rows)])
+            raise
 
     def _prefill(self, jobs: list[Job]) -> None:
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
                             device=self.device)
+        rows = [_Row(job=j, pos=len(j.prompt_ids), generator=_generator(j.sampling)) for j in jobs]
         self.slots.select([j.slot for j in jobs])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1)
-        rows = [_Row(job=j, pos=len(j.prompt_ids), generator=_generator(j.sampling)) for j in jobs]
         if self._cache is None:
             self._cache, self._mask = out.cache, mask
         else:
@@ -175,7 +193,12 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             s = row.job.sampling
-            token = greedy[i] if s.temperature <= 0 else _sample(logits[i].float(), s, row.generator)
+            try:
+                token = greedy[i] if row.generator is None else _sample(logits[i].float(), s, row.generator)
+            except RuntimeError:  # this row's sampling failed (non-finite probabilities): only this row
+                row.job.emit("", "error", len(row.generated))
+                row.done = True
+                continue
             row.next_token = token
             if token in self.eos:
                 self._emit(row, "stop")
@@ -184,7 +207,8 @@ class Engine:
             self._emit(row, "length" if len(row.generated) >= s.max_tokens else None)
 
     def _emit(self, row: _Row, finish: str | None) -> None:
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        # No clean-up of spaces: each step's text must extend the last one (streamed deltas).
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         stops = row.job.sampling.stop
         for stop in stops:
             at = text.find(stop)
@@ -201,10 +225,9 @@ class Engine:
             row.job.emit(delta, finish, len(row.generated))
         row.done = finish is not None
 
-    def _drop_finished(self, error: str | None = None) -> None:
-        """Rows that finished (or whose client left) leave the batch and its cache; after a failed
-        pass (``error``) every row has, and the cache starts over."""
-        gone = [r for r in self._rows if error is not None or r.done or r.job.cancelled]
+    def _drop_finished(self) -> None:
+        """Rows that finished (or whose client left) leave the batch and its cache."""
+        gone = [r for r in self._rows if r.done or r.job.cancelled]
         if not gone:
             return
         for r in gone:
@@ -223,6 +246,9 @@ class Engine:
             layer.values = layer.values.index_select(0, index)[:, :, lead:]
 
     def _finish(self, job: Job) -> None:
+        if job.finished:
+            return
+        job.finished = True
         with self._lock:
             self._in_flight -= 1
         job.on_done()
@@ -242,7 +268,7 @@ def _merge(cache, mask: torch.Tensor, other, other_mask: torch.Tensor):
 
 
 def _generator(sampling: Sampling) -> torch.Generator | None:
-    if sampling.temperature <= 0:
+    if sampling.temperature < GREEDY_BELOW:
         return None
     generator = torch.Generator()
     if sampling.seed is not None:

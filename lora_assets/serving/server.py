@@ -138,7 +138,11 @@ class Server:
 
         messages = chat.messages if chat.mode is None else api.with_instruction(chat.messages,
                                                                                 self.modes[chat.mode].system)
-        ids = chat_ids(self.tokenizer, messages)
+        try:
+            ids = chat_ids(self.tokenizer, messages)
+        except Exception as exc:  # the model's chat template refuses the conversation (jinja2 TemplateError)
+            raise api.ApiError(400, f"messages: the model's chat template refused them ({exc})",
+                               param="messages") from None
         if len(ids) + chat.sampling.max_tokens > self.max_context:
             raise api.ApiError(400, f"This model's maximum context length is {self.max_context} tokens. However, "
                                f"you requested {len(ids) + chat.sampling.max_tokens} tokens ({len(ids)} in the "
@@ -162,7 +166,7 @@ class Server:
     def _live(self, user: str, mode: str) -> bool:
         try:
             return self.cache.pointer(user, mode).version is not None
-        except CorruptVersion:
+        except (CorruptVersion, OSError, *storage_errors()):
             return False
 
 
@@ -196,7 +200,7 @@ def build_app(server: Server) -> Starlette:
         except api.ApiError as exc:
             server.metrics.requests.labels(kind, str(exc.status)).inc()
             return error(exc)
-        return await _complete(server, chat_, prompt, lease, kind, started)
+        return await _complete(server, request, chat_, prompt, lease, kind, started)
 
     async def metrics(request: Request) -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
@@ -215,8 +219,8 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                                      "server_error").body(), status_code=500)
 
 
-async def _complete(server: Server, chat: api.ChatRequest, prompt: list[int], lease: Lease, kind: str,
-                    started: float) -> Response:
+async def _complete(server: Server, request: Request, chat: api.ChatRequest, prompt: list[int], lease: Lease,
+                    kind: str, started: float) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     released = threading.Event()
@@ -247,6 +251,13 @@ async def _complete(server: Server, chat: api.ChatRequest, prompt: list[int], le
 
     if not chat.stream:
         parts, first = [], True
+
+        async def watch() -> None:  # a plain response is not cancelled when its client leaves
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancelled = True
+
+        watcher = asyncio.create_task(watch())
         try:
             while True:
                 delta, finish, n = await events.get()
@@ -257,7 +268,8 @@ async def _complete(server: Server, chat: api.ChatRequest, prompt: list[int], le
                 if finish is not None:
                     break
         finally:
-            job.cancelled = True  # no-op once finished; frees the row if the client left
+            watcher.cancel()
+            job.cancelled = True  # no-op once finished
         if finish == "error":
             finished("503", n)
             return JSONResponse(api.ApiError(503, "decoding failed; try again", "server_error").body(), status_code=503)
@@ -265,9 +277,9 @@ async def _complete(server: Server, chat: api.ChatRequest, prompt: list[int], le
         return JSONResponse(completion.whole("".join(parts), finish, len(prompt), n))
 
     async def stream():
-        yield completion.chunk({"role": "assistant", "content": ""})
         first, n, status = True, 0, "200"
         try:
+            yield completion.chunk({"role": "assistant", "content": ""})
             while True:
                 delta, finish, n = await events.get()
                 if first:
