@@ -119,6 +119,8 @@ def job_for(
     warm_start_from: Path | None = None,
     metadata: dict[str, Any] | None = None,
     plan: TrainingPlan | None = None,
+    gguf_type: str = TrainJob.gguf_type,
+    peft_dtype: str = TrainJob.peft_dtype,
 ) -> TrainJob:
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table.
 
@@ -142,6 +144,8 @@ def job_for(
         budget=mode.update.budget if plan.path == INCREMENTAL else mode.budget,
         seed=0,
         warm_start_from=warm_start_from,
+        gguf_type=gguf_type,
+        peft_dtype=peft_dtype,
         metadata={
             "user": user,
             "mode": mode.name,

@@ -80,57 +80,6 @@ def _timing_cells(meta: dict) -> list[str]:
     return [f"{meta['train_seconds']:.1f}", f"{meta['tokens_per_second']:.0f}"]
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from lora_assets.adapters import adapter_dir
-    from lora_assets.data.user_store import validate_user_id
-    from lora_assets.drive.sync import installed_adapter_dir, verify_installed
-    from lora_assets.modes import get_mode
-    from lora_assets.settings import Settings
-    from lora_assets.training import load_base_model
-    from lora_assets.training.inference import generate, load_adapter
-
-    mode = get_mode(args.mode)
-    home = data_home()
-    if args.no_adapter:
-        path = None
-    elif args.device_dir:
-        path = installed_adapter_dir(Path(args.device_dir), args.base_model, mode.name)
-        verify_installed(path)
-    else:
-        if not args.user:
-            raise ValueError("--user is required unless --device-dir is given")
-        path = adapter_dir(home, args.base_model, validate_user_id(args.user), mode.name)
-        if not path.exists():
-            print(f"error: no {mode.name} adapter for user {args.user!r} on {args.base_model} at {path}", file=sys.stderr)
-            return 1
-    settings = Settings.from_env()
-    base = load_base_model(args.base_model, home, settings.device, settings.dtype)
-    model = load_adapter(base, path) if path is not None else base.model
-    print(generate(model, base.tokenizer, args.prompt, system=mode.system, max_new_tokens=args.max_new_tokens))
-    return 0
-
-
-def _cmd_sync(args: argparse.Namespace) -> int:
-    from lora_assets.drive.sync import sync_device
-    from lora_assets.settings import Settings
-
-    drive = Settings.from_env().drive()
-    report = sync_device(drive, args.user, Path(args.device_dir), args.base_model)
-    for mode, old, new in report.changed:
-        print(f"{mode}: {old or '(none)'} -> {new}")
-    for mode, version in report.unchanged:
-        print(f"{mode}: {version} (up to date)")
-    for mode, version in report.withdrawn:
-        print(f"{mode}: {version or '(none)'} -> withdrawn (removed from this device: the data it learned from is gone)")
-    for mode, version, damage in report.repaired:
-        print(f"{mode}: {version} (repaired: the installed copy was damaged: {damage})")
-    for mode, reason in report.failed:
-        print(f"error: {mode}: kept the installed version: {reason}", file=sys.stderr)
-    if not (report.changed or report.unchanged or report.repaired or report.withdrawn or report.failed):
-        print(f"nothing published for user {args.user!r} on {args.base_model}")
-    return 0 if report.ok else 1
-
-
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -311,23 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--wait", type=float, default=120.0, help="seconds to let runs in flight for the user finish (default 120)")
     fg.set_defaults(func=_cmd_forget)
 
-    sy = sub.add_parser("sync", help="install a user's CURRENT adapters from their drive into a device folder")
-    sy.add_argument("--user", required=True)
-    sy.add_argument("--device-dir", required=True)
-    sy.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    sy.set_defaults(func=_cmd_sync)
-
-    gen = sub.add_parser("generate", help="complete a prompt with a user's adapter")
-    gen.add_argument("--user", help="use the user's adapter from the data dir")
-    gen.add_argument("--device-dir", help="use the adapter installed on a synced device folder")
-    gen.add_argument("--mode", required=True)
-    gen.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--no-adapter", action="store_true", help="use the bare base model")
-    gen.add_argument("prompt")
-    gen.set_defaults(func=_cmd_generate)
-
+    from lora_assets.cli_device import add_device_commands
     from lora_assets.cli_serve import add_serve_commands
+
+    add_device_commands(sub, DEFAULT_BASE_MODEL)
 
     add_serve_commands(sub, DEFAULT_BASE_MODEL)
     return parser
@@ -335,13 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from lora_assets.storage import storage_errors
+    from lora_assets.drive.llama_cpp import LlamaCppUnavailable
     from lora_assets.training.base_models import BaseModelError
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, KeyError, BaseModelError, OSError, *storage_errors()) as exc:
+    except (ValueError, KeyError, BaseModelError, LlamaCppUnavailable, OSError, *storage_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_assets.drive.publish import (
+    FORMATS,
     CorruptVersion,
     adapter_prefix,
     current_manifest,
@@ -82,7 +83,7 @@ def evaluate_gate(
     try:
         published = current_manifest(drive, user, base.ref.key, mode)
         if published is not None and job.eval:
-            files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published)
+            files = fetch_verified(drive, adapter_prefix(user, base.ref.key, mode), published, FORMATS["peft"])
     except (CorruptVersion, FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         # A damaged published version is no bar to a good one: compare with the base only, and
         # publish over it.

@@ -130,7 +130,7 @@ def train_and_gate(
         job = job_for(
             mode, w.user, df, outcome.folder, steps=settings.train_steps or None, plan=plan,
             warm_start_from=published[0] if plan.path == INCREMENTAL else None,
-            metadata={"dataset_version": outcome.dataset_version},
+            metadata={"dataset_version": outcome.dataset_version}, **settings.adapter_files,
         )
         try:
             validate_job(job)
@@ -165,7 +165,7 @@ def train_and_gate(
             full = job_for(
                 get_mode(outcome.work.mode), outcome.work.user, tables[id(outcome)], outcome.folder,
                 steps=settings.train_steps or None, metadata={"dataset_version": outcome.dataset_version},
-                plan=TrainingPlan(FULL, why, ()),
+                plan=TrainingPlan(FULL, why, ()), **settings.adapter_files,
             )
             by_job[id(full)] = outcome
             retrain.append((outcome, full))
@@ -193,7 +193,7 @@ def too_few_examples(train: int) -> str:
 def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Path, dict[str, Any]] | None:
     """The user's published adapter (what their devices run), downloaded and verified into the
     data dir, and its ``lora_assets.json``; None when nothing (usable) is published."""
-    from lora_assets.drive.publish import CorruptVersion, adapter_prefix, current_manifest, fetch_verified
+    from lora_assets.drive.publish import FORMATS, CorruptVersion, adapter_prefix, current_manifest, fetch_verified
 
     try:
         manifest = current_manifest(drive, work.user, work.base_model, work.mode)
@@ -201,7 +201,7 @@ def published_adapter(settings: Settings, drive, work: AdapterWork) -> tuple[Pat
             return None
         folder = settings.home / "published" / work.base_model / work.user / work.mode / manifest["version"]
         if not (folder / "lora_assets.json").exists():
-            files = fetch_verified(drive, adapter_prefix(work.user, work.base_model, work.mode), manifest)
+            files = fetch_verified(drive, adapter_prefix(work.user, work.base_model, work.mode), manifest, FORMATS["peft"])
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = folder.with_name(f".{folder.name}.tmp")
             tmp.mkdir(exist_ok=True)

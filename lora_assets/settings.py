@@ -53,6 +53,8 @@ ENV_VARS: dict[str, str] = {
     "serve_max_tokens": "LORA_ASSETS_SERVE_MAX_TOKENS",
     "serve_max_context": "LORA_ASSETS_SERVE_MAX_CONTEXT",
     "serve_refresh_s": "LORA_ASSETS_SERVE_REFRESH_S",
+    "gguf_type": "LORA_ASSETS_GGUF_TYPE",
+    "adapter_dtype": "LORA_ASSETS_ADAPTER_DTYPE",
 }
 
 
@@ -94,6 +96,8 @@ class Settings:
     serve_max_tokens: int = 1024  # the largest max_tokens a request may ask for
     serve_max_context: int = 4096  # prompt + completion tokens (capped by the base model's own)
     serve_refresh_s: float = 2.0  # a moved CURRENT (publish, withdrawal, forget) is served within this
+    gguf_type: str = "f16"  # adapter.gguf for llama.cpp devices: f16, q8_0, f32; "none" publishes PEFT files only
+    adapter_dtype: str = "fp32"  # tensors of the published adapter_model.safetensors: fp32, fp16, bf16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -119,7 +123,8 @@ class Settings:
         if self.backend not in ("local", "s3"):
             raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
         for name, allowed in (("fusion", ("auto", "sequential", "interleaved", "batched")),
-                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "fp32", "bf16", "fp16"))):
+                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "fp32", "bf16", "fp16")),
+                              ("gguf_type", ("f16", "q8_0", "f32", "none")), ("adapter_dtype", ("fp32", "fp16", "bf16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
@@ -128,6 +133,11 @@ class Settings:
                      "serve_max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
+
+    @property
+    def adapter_files(self) -> dict[str, str]:
+        """How trainers write an adapter's files (``TrainJob.gguf_type``, ``.peft_dtype``)."""
+        return {"gguf_type": "" if self.gguf_type == "none" else self.gguf_type, "peft_dtype": self.adapter_dtype}
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

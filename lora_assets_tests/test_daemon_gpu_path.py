@@ -5,7 +5,6 @@ pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget."""
 from __future__ import annotations
 
 import pytest
-from dagster import DagsterEventType
 
 from lora_assets.drive.sync import installed_adapter_dir, sync_device
 from lora_assets.orchestration.runs import register_base_model_partition

@@ -62,7 +62,9 @@ def test_publish_sync_and_load_on_device_gives_the_trained_logits(tiny_base, tra
     assert result.flipped and result.previous is None
     version_dir = tmp_path / "drive" / "user-000" / "adapters" / "tiny-llama" / MODE.name / result.version
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "lora_assets.json"}
+    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "lora_assets.json",
+                                      "adapter.gguf"}
+    assert manifest["files"]["adapter.gguf"]["size"] == (folder / "adapter.gguf").stat().st_size
     assert manifest["base_model"] == "tiny-llama" and manifest["dataset_version"] == "d1"
 
     report = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
@@ -81,6 +83,45 @@ def test_publish_sync_and_load_on_device_gives_the_trained_logits(tiny_base, tra
 
     again = sync_device(drive, "user-000", tmp_path / "device", "tiny-llama")
     assert again.unchanged == [(MODE.name, result.version)] and not again.changed
+
+
+def test_a_device_installs_only_the_format_it_asks_for_and_old_versions_still_sync(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import shutil
+
+    from lora_assets.cli import main
+
+    home, device = tmp_path / "home", tmp_path / "device"
+    monkeypatch.setenv("LORA_ASSETS_HOME", str(home))
+    drive = LocalObjectStore(home / "drive")
+    sync = ["sync", "--user", "user-000", "--device-dir", str(device), "--base-model", "tiny-llama", "--format"]
+    old_folder = tmp_path / "before-gguf"  # a version published before the device format existed
+    shutil.copytree(trained[1][0], old_folder)
+    (old_folder / "adapter.gguf").unlink()
+    old = _publish(drive, old_folder)
+
+    assert main([*sync, "gguf"]) == 1
+    assert f"version {old.version} has no adapter.gguf" in capsys.readouterr().err
+    assert installed_version(device, "tiny-llama", MODE.name) is None, "nothing half-installed"
+    assert main([*sync, "peft"]) == 0
+    installed = installed_adapter_dir(device, "tiny-llama", MODE.name)
+    assert sorted(p.name for p in installed.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lora_assets.json", "manifest.json"]
+
+    new = _publish(drive, trained[0][0])
+    assert main([*sync, "gguf"]) == 0
+    assert f"{MODE.name}: {old.version} -> {new.version}" in capsys.readouterr().out
+    installed = installed_adapter_dir(device, "tiny-llama", MODE.name)
+    assert sorted(p.name for p in installed.iterdir()) == ["adapter.gguf", "manifest.json"]
+    assert (installed / "adapter.gguf").read_bytes() == (trained[0][0] / "adapter.gguf").read_bytes()
+    assert main([*sync, "gguf"]) == 0 and "(up to date)" in capsys.readouterr().out
+
+    (installed / "adapter.gguf").write_bytes(b"GGUF" + bytes(100))  # damaged on the device
+    assert main([*sync, "gguf"]) == 0 and "repaired" in capsys.readouterr().out
+    verify_installed(installed, ("adapter.gguf",))
+    assert main([*sync, "all"]) == 0  # the device now wants both: the PEFT files are added
+    assert {"adapter.gguf", "adapter_model.safetensors"} <= {p.name for p in installed.iterdir()}
+    verify_installed(installed, ("adapter.gguf", "adapter_model.safetensors"))
 
 
 def test_a_crash_before_the_flip_leaves_the_previous_version_current_and_a_rerun_completes(trained, tmp_path):

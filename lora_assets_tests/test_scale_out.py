@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, instance_for_test
+from dagster import instance_for_test
 
 from lora_assets.data.ingest import ingest
 from lora_assets.definitions import defs

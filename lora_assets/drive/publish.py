@@ -5,6 +5,7 @@ Layout under the drive root::
     <user>/adapters/<base_model>/<mode>/<version>/adapter_model.safetensors
     <user>/adapters/<base_model>/<mode>/<version>/adapter_config.json
     <user>/adapters/<base_model>/<mode>/<version>/lora_assets.json
+    <user>/adapters/<base_model>/<mode>/<version>/adapter.gguf       llama.cpp devices (when built)
     <user>/adapters/<base_model>/<mode>/<version>/manifest.json      written last
     <user>/adapters/<base_model>/<mode>/CURRENT                        {"version": ..., ...}
 
@@ -39,9 +40,17 @@ from lora_assets.storage import ObjectStore, PreconditionFailed
 from lora_assets.training.base_models import validate_base_model_key
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json")
+# The device format, published when the adapter folder has it (versions from before it do not).
+DEVICE_FILES = ("adapter.gguf",)
 # Upload order: the metadata first, so even a half-uploaded version says what it was trained on
 # (``purge_versions`` finds it after a delete).
-UPLOAD_ORDER = ("lora_assets.json", "adapter_config.json", "adapter_model.safetensors")
+UPLOAD_ORDER = ("lora_assets.json", "adapter_config.json", "adapter_model.safetensors", "adapter.gguf")
+# What a device installs for each ``sync --format``; every format also gets the manifest.
+FORMATS = {
+    "peft": ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json"),
+    "gguf": ("adapter.gguf",),
+    "all": ADAPTER_FILES + DEVICE_FILES,
+}
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 DEFAULT_KEEP = 3
@@ -99,10 +108,14 @@ def current_manifest(drive: ObjectStore, user: str, base_model: str, mode: str) 
     return read_manifest(drive, user, base_model, mode, found[0]["version"])
 
 
-def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
-    """Every file of a version, each checked against the manifest's size and sha256."""
+def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any],
+                   only: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    """Every file of a version (or those of ``only`` it lists), each checked against the
+    manifest's size and sha256."""
     out = {}
     for name, meta in manifest["files"].items():
+        if only is not None and name not in only:
+            continue
         key = f"{prefix}/{manifest['version']}/{name}"
         try:
             data = drive.get(key)
@@ -116,9 +129,12 @@ def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any]) ->
     return out
 
 
-def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
+def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any],
+                  only: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+                  ) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
     """The version a CURRENT pointer names, as every reader takes it: the manifest checked against
-    the pointer's hash, then each file against the manifest. Returns (manifest bytes, manifest, files)."""
+    the pointer's hash, then each file against the manifest (those ``only(manifest)`` names, when
+    given: a device's format). Returns (manifest bytes, manifest, files)."""
     key = f"{prefix}/{pointer['version']}/{MANIFEST}"
     try:
         manifest_bytes = drive.get(key)
@@ -127,7 +143,7 @@ def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any]) -> t
     if _sha256(manifest_bytes) != pointer.get("manifest_sha256"):
         raise CorruptVersion(f"{key}: does not match the CURRENT pointer")
     manifest = json.loads(manifest_bytes)
-    return manifest_bytes, manifest, fetch_verified(drive, prefix, manifest)
+    return manifest_bytes, manifest, fetch_verified(drive, prefix, manifest, only(manifest) if only else None)
 
 
 def publish_adapter(
@@ -145,8 +161,9 @@ def publish_adapter(
     ``before_flip`` is called between the upload and the pointer flip (tests simulate a crash).
     """
     prefix = adapter_prefix(user, base_model, mode)
-    blobs = {name: (Path(adapter_dir) / name).read_bytes() for name in ADAPTER_FILES}
-    version = _sha256(b"".join(_sha256(blobs[n]).encode() for n in ADAPTER_FILES))[:16]
+    names = ADAPTER_FILES + tuple(n for n in DEVICE_FILES if (Path(adapter_dir) / n).is_file())
+    blobs = {name: (Path(adapter_dir) / name).read_bytes() for name in names}
+    version = _sha256(b"".join(_sha256(blobs[n]).encode() for n in names))[:16]
     created_at = datetime.now(timezone.utc).isoformat()
     manifest_key = f"{prefix}/{version}/{MANIFEST}"
     if drive.exists(manifest_key):
@@ -169,7 +186,7 @@ def publish_adapter(
             **(extra or {}),
         }
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        for name in UPLOAD_ORDER:
+        for name in (n for n in UPLOAD_ORDER if n in blobs):
             drive.put(f"{prefix}/{version}/{name}", blobs[name])
         drive.put(manifest_key, manifest_bytes)
     if before_flip is not None:

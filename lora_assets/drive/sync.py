@@ -5,6 +5,10 @@ Device layout::
     <device_dir>/<base_model>/<mode>/<version>/{adapter files, manifest.json}
     <device_dir>/<base_model>/<mode>/CURRENT        the installed version id
 
+A device takes the files of its format (``--format``): ``peft`` (safetensors + config, for
+transformers/peft), ``gguf`` (``adapter.gguf``, for llama.cpp on the quantized base) or ``all``.
+The manifest always comes along, so every installed file is checked against it.
+
 A version is downloaded into a staging folder, verified file by file against the manifest (whose
 own hash the drive's pointer carries), renamed into place, and only then does the device's
 CURRENT move. Anything wrong leaves the previous version installed and current. The previous
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from lora_assets.drive.publish import (
     CURRENT,
+    FORMATS,
     MANIFEST,
     CorruptVersion,
     adapter_prefix,
@@ -77,22 +82,48 @@ def installed_adapter_dir(device_dir: Path, base_model: str, mode: str) -> Path:
     return Path(device_dir) / base_model / mode / version
 
 
-def verify_installed(folder: Path) -> None:
-    """Re-check an installed version against its manifest before trusting its tensors."""
+DEFAULT_FORMAT = "all"
+
+
+def format_files(manifest: dict, fmt: str, where: str) -> tuple[str, ...]:
+    """The files of ``manifest`` a device of format ``fmt`` installs; a version published before
+    its format existed (no ``adapter.gguf``) cannot serve a ``gguf`` device."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown device format {fmt!r}: choose {', '.join(FORMATS)}")
+    names = tuple(n for n in manifest["files"] if n in FORMATS[fmt])
+    missing = [n for n in FORMATS[fmt] if n not in manifest["files"] and fmt != "all"]
+    if missing:
+        raise CorruptVersion(f"{where}: version {manifest.get('version')} has no {', '.join(missing)} "
+                             f"(published before the {fmt} format); sync --format peft, or wait for the next publish")
+    return names
+
+
+def verify_installed(folder: Path, needed: tuple[str, ...] = ()) -> None:
+    """Re-check an installed version against its manifest before trusting its tensors: every
+    manifest file present in ``folder``, and each of ``needed`` must be present."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
         raise CorruptVersion(f"{folder / MANIFEST}: missing") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptVersion(f"{folder / MANIFEST}: not a valid manifest ({exc})") from None
+    for name in needed:
+        if name not in manifest["files"] or not (folder / name).is_file():
+            raise CorruptVersion(f"{folder / name}: not installed (sync with a --format that has it)")
     for name, meta in manifest["files"].items():
+        if not (folder / name).exists():
+            continue  # a file of another format
         data = (folder / name).read_bytes()
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise CorruptVersion(f"{folder / name}: does not match its manifest")
 
 
-def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str) -> SyncReport:
-    """Install every mode's CURRENT adapter; a mode that fails leaves the others unaffected."""
+def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
+                fmt: str = DEFAULT_FORMAT) -> SyncReport:
+    """Install every mode's CURRENT adapter in format ``fmt``; a mode that fails leaves the others
+    unaffected."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown device format {fmt!r}: choose {', '.join(FORMATS)}")
     report = SyncReport()
     device_dir = Path(device_dir)
     if device_dir.exists() and not device_dir.is_dir():
@@ -100,7 +131,7 @@ def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str
     published = published_modes(drive, user, base_model)
     for mode in published:
         try:
-            _sync_mode(drive, user, device_dir, base_model, mode, report)
+            _sync_mode(drive, user, device_dir, base_model, mode, fmt, report)
         except (CorruptVersion, OSError, ValueError, KeyError) as exc:
             report.failed.append((mode, str(exc)))
     # A mode installed here with no CURRENT left on the drive: the user was erased (forget).
@@ -118,7 +149,8 @@ def sync_device(drive: ObjectStore, user: str, device_dir: Path, base_model: str
     return report
 
 
-def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str, mode: str, report: SyncReport) -> None:
+def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str, mode: str, fmt: str,
+               report: SyncReport) -> None:
     prefix = adapter_prefix(user, base_model, mode)
     found = read_current(drive, user, base_model, mode)
     if found is None:
@@ -135,13 +167,20 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
     damage = None
     if old == version:
         try:
-            verify_installed(mode_dir / version)
+            manifest = json.loads((mode_dir / version / MANIFEST).read_text())
+            needed = format_files(manifest, fmt, str(mode_dir / version))
+            if any(not (mode_dir / version / n).exists() for n in needed):
+                old = None  # installed in another format: install this one (reported as a change)
+            else:
+                verify_installed(mode_dir / version, needed)
         except (CorruptVersion, OSError, ValueError, KeyError) as exc:
             damage = str(exc)  # the installed copy is damaged: download it again
         else:
-            report.unchanged.append((mode, version))
-            return
-    manifest_bytes, _, files = fetch_pointed(drive, prefix, pointer)
+            if old is not None:
+                report.unchanged.append((mode, version))
+                return
+    manifest_bytes, _, files = fetch_pointed(drive, prefix, pointer,
+                                             only=lambda m: format_files(m, fmt, f"{prefix}/{version}"))
 
     mode_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=mode_dir))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, OpExecutionContext

@@ -228,6 +228,14 @@ def smollm2_gguf_path() -> Path:
     raise BaseModelError(f"no .gguf file found in the installed {_SMOLLM2_DIST} package")
 
 
+def device_base_gguf(key: str) -> Path:
+    """The quantized GGUF a device runs for base model ``key``: for ``smollm2-135m`` the shipped
+    Q4_1 file the fp32 base was dequantized from (so adapters fit it weight for weight)."""
+    if key == DEFAULT_BASE_MODEL:
+        return smollm2_gguf_path()
+    raise BaseModelError(f"no shipped GGUF for base model {key!r}: give the device's model file with --base-gguf")
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (model weights do not fit a single read)."""
     h = hashlib.sha256()

@@ -29,6 +29,7 @@ import torch
 
 from lora_assets.training.base_models import LoadedBaseModel, load_base_model
 from lora_assets.training.fused import train_fused
+from lora_assets.training.gguf_lora import GGUF_FILE, gguf_architecture, write_gguf_adapter
 from lora_assets.training.jobs import (
     InvalidTrainingData,
     ProgressFn,
@@ -169,6 +170,8 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
     try:
         model.peft_config["default"].base_model_name_or_path = str(base.ref.path)
         model.save_pretrained(tmp, safe_serialization=True)
+        _cast_saved(tmp, job.peft_dtype)
+        device_files = _write_device_files(tmp, job, base)
         meta = {
             "base_model": base.ref.key,
             "base_model_revision": base.ref.revision,
@@ -180,6 +183,7 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
             "max_length": job.max_length,
             "warm_start_from": str(job.warm_start_from) if job.warm_start_from else None,
             "metrics": {k: v for k, v in result.to_json().items() if k not in ("output_dir", "name")},
+            "device_files": device_files,
             **job.metadata,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -192,6 +196,35 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast_saved(folder: Path, dtype: str) -> None:
+    """Store the adapter's tensors as ``dtype``: half the bytes of fp32 on every drive and
+    device, for a held-out loss change measured by ``benchmarks/device.py``. The trained (fp32)
+    tensors are what the gate evaluated; a warm start loads the stored ones back into fp32."""
+    from safetensors.torch import load_file, save_file
+
+    if dtype not in _STORED_DTYPES:
+        raise ValueError(f"adapter dtype {dtype!r}: choose one of {', '.join(_STORED_DTYPES)}")
+    if dtype == "fp32":
+        return
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v.to(_STORED_DTYPES[dtype]) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _write_device_files(folder: Path, job: TrainJob, base: LoadedBaseModel) -> dict[str, str]:
+    """``adapter.gguf`` from the PEFT files just saved (the same weights, the same run), so a device
+    running llama.cpp on the quantized base gets the adapter without converting anything.
+    Returns {file: type}; empty when the job asks for none or the base has no GGUF form."""
+    base_config = base.model.config.to_dict()
+    if not job.gguf_type or gguf_architecture(base_config) is None:
+        return {}
+    write_gguf_adapter(folder, base_config, folder / GGUF_FILE, job.gguf_type)
+    return {GGUF_FILE: job.gguf_type}
 
 
 def evaluate_adapter(
