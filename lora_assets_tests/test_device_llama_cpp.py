@@ -69,6 +69,19 @@ def _installed(device) -> Path:
     return installed_adapter_dir(device["dir"], BASE, MODE)
 
 
+def test_the_product_publishes_fp16_peft_and_q8_0_gguf_by_default(device):
+    import gguf
+    from safetensors import safe_open
+
+    folder = _installed(device)
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    types = {t.name.rsplit(".", 1)[1]: t.tensor_type.name for t in gguf.GGUFReader(folder / "adapter.gguf").tensors}
+    assert types == {"lora_a": "Q8_0", "lora_b": "F16"}  # a lora_b row (r=16 values) is too short for q8_0 blocks
+    meta = json.loads((folder / "lora_assets.json").read_text())
+    assert meta["device_files"] == {"adapter.gguf": "q8_0"}
+
+
 def test_llama_cpp_applies_the_published_adapter_and_agrees_with_peft_on_the_fp32_base(device, held_out, home):
     from lora_assets.drive.llama_cpp import open_llama, token_logprobs
     from lora_assets.training import load_base_model
@@ -133,3 +146,19 @@ def test_generate_answers_through_llama_cpp_on_the_device_files(device):
     peft = lora_assets(*[c for c in cmd if c not in ("--runtime", "llama-cpp")], env=device["env"]).stdout.strip()
     print(f"llama.cpp: {adapted!r}\npeft fp32: {peft!r}\nbare llama.cpp: {bare!r}")
     assert adapted.split()[:3] == peft.split()[:3], "greedy answers start alike on both runtimes"
+
+
+def test_the_device_benchmark_prints_sizes_loss_agreement_and_speed(home):
+    import re
+
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "device.py"), "--steps", "1",
+         "--prompts", "1", "--gen-tokens", "4"],
+        env={**os.environ, "LORA_ASSETS_HOME": str(home)}, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for fmt in ("PEFT fp32", "PEFT fp16", "PEFT bf16", "GGUF f32", "GGUF f16", "GGUF q8_0"):
+        assert re.search(rf"^{fmt}\s+.+\s+[\d,]+\s+\d+\.\d{{4}}\s+[+-]\d+\.\d{{4}}\s+[+-]\d+\.\d\d%$", done.stdout, re.M), done.stdout
+    assert re.search(r"vs the gate's fp32 PEFT loss: [+-]\d+\.\d\d%", done.stdout)
+    assert len(re.findall(r"decode\s+\d+\.\d tokens/s", done.stdout)) == 2
+    assert "a million users" in done.stdout

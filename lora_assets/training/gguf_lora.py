@@ -12,7 +12,7 @@ package: metadata ``general.type=adapter``, ``general.architecture`` of the base
 projections with their rows permuted (rotary halves interleaved), so the converter permutes the
 rows of ``lora_B`` of q/k the same way (``B A`` then matches the permuted base rows).
 
-Types: ``f32``, ``f16`` (default), ``q8_0``. q8_0 quantizes blocks of 32 along a row; a
+Types: ``f32``, ``f16``, ``q8_0`` (what the product publishes by default: ``Settings.gguf_type``). q8_0 quantizes blocks of 32 along a row; a
 ``lora_B`` row has only ``r`` values (16), so ``lora_B`` stays f16 there, as in the converter.
 """
 

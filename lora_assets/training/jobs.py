@@ -33,6 +33,7 @@ class TrainJob:
     learning_rate: float = 1e-3  # high for LoRA, but runs are tens of steps, not thousands
     seed: int = 0
     warm_start_from: Path | None = None  # previous adapter dir to continue from
+    # The files written (the product passes its settings: fp16 PEFT and q8_0 GGUF by default):
     gguf_type: str = "f16"  # adapter.gguf for llama.cpp devices beside the PEFT files: f32, f16, q8_0; "" for none
     peft_dtype: str = "fp32"  # dtype of the saved adapter_model.safetensors: fp32 (what peft trains in), fp16, bf16
     metadata: dict[str, Any] = field(default_factory=dict)  # copied into lora_assets.json
