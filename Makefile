@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/lora-assets demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
