@@ -30,6 +30,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 SETTLE_TIMEOUT_S = 420
 
 
+def lora_assets(*args: str, env: Mapping[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """The installed ``lora-assets`` command, as a user runs it; fails the test on a non-zero exit."""
+    exe = Path(sys.executable).with_name("lora-assets")
+    done = subprocess.run([str(exe), *args], env=dict(env), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 class Daemon:
     """The daemon and everything it needs, plus helpers to wait and to read runs."""
 

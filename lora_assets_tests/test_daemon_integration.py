@@ -6,6 +6,7 @@ it changes through the public ingest API and asserts on the instance's run recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -205,6 +206,31 @@ def _worker_of_first_started_run(daemon, user: str, timeout_s: float = 300, job_
     raise AssertionError(f"no run for {user} started within {timeout_s}s")
 
 
+def _freeze_outside_a_write(daemon, pid: int, tries: int = 200) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no write lock on the embedded instance's SQLite files.
+
+    A worker stopped inside a SQLite write keeps the database locked, and every other process
+    then fails with "database is locked" (the run monitor could not even record the
+    cancellation): that is a frozen disk, not the hung training this module simulates. So stop,
+    check that each database takes a write, and if one does not, let the worker go on for a
+    moment and stop it again."""
+    import sqlite3
+
+    files = sorted(daemon.dagster_home.rglob("*.db"))
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for path in files:
+                with contextlib.closing(sqlite3.connect(path, timeout=0)) as db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+    raise AssertionError(f"worker {pid} never paused outside a SQLite write")
+
+
 def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_later_changes(daemon, tmp_path):
     """``lora-assets forget`` against the running daemon while a run works for the user (its
     worker frozen with SIGSTOP until the forget has begun): the run finishes without writing the
@@ -221,7 +247,7 @@ def test_forget_while_a_run_for_the_user_is_in_flight_leaves_nothing_and_drops_l
     for source in ("mail", "browsing"):
         daemon.ingest(user, source, tables[source].to_pylist())
     in_flight, worker = _worker_of_first_started_run(daemon, user)
-    os.kill(worker, signal.SIGSTOP)
+    _freeze_outside_a_write(daemon, worker)
     cli = [str(Path(sys.executable).with_name("lora-assets")), "forget", "--user", user]
     try:
         forget = subprocess.Popen(cli, env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -274,7 +300,7 @@ def test_a_hung_training_run_is_failed_at_its_maximum_run_time_and_its_work_retr
     before = daemon.runs()
     daemon.ingest(user, "browsing", generate_user(user)["browsing"].to_pylist())
     hung, worker = _worker_of_first_started_run(daemon, user, job_name="adapter_batch")
-    os.kill(worker, signal.SIGSTOP)
+    _freeze_outside_a_write(daemon, worker)
     try:
         runs = daemon.new_runs(before, allow_failures=True)
     finally:

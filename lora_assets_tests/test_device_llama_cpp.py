@@ -18,18 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from lora_assets_tests.harness import lora_assets
+
 pytestmark = pytest.mark.slow
 
 MODE = "mail_reply"
 USER = "user-000"
 BASE = "smollm2-135m"
-
-
-def lora_assets(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("lora-assets")
-    done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 @pytest.fixture(scope="module")

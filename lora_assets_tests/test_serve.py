@@ -23,16 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets_tests.harness import lora_assets
+
 MODE = "mail_reply"
 USERS = [f"user-00{i}" for i in range(5)]
 PROMPT = "Can we move our meeting to Friday?"
-
-
-def lora_assets(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("lora-assets")
-    done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 @dataclass
