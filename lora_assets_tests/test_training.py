@@ -160,6 +160,15 @@ def test_bad_examples_fail_naming_the_job_and_write_nothing(
     assert not (tmp_path / "good").exists(), "jobs are validated before any training"
 
 
+@pytest.mark.parametrize("files, message", [({"peft_dtype": "int4"}, "peft_dtype 'int4'"),
+                                            ({"gguf_type": "q2_k"}, "gguf_type 'q2_k'")])
+def test_an_unknown_file_format_fails_the_job_before_training(tiny_base, synthetic_tables, tmp_path, files, message):
+    job = replace(_mail_job(synthetic_tables, "user-000", tmp_path / "a", max_steps=2), **files)
+    with pytest.raises(InvalidTrainingData, match=message):
+        train_adapters([job], tiny_base, progress=None)
+    assert not (tmp_path / "a").exists()
+
+
 def test_examples_keep_loss_on_response_tokens_only(tiny_base):
     ex = Example(prompt="Where shall we meet?", response="At the lake!", system="Reply as me.")
     tok = tokenize_example(tiny_base.tokenizer, ex, max_length=128)

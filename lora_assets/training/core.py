@@ -29,7 +29,7 @@ import torch
 
 from lora_assets.training.base_models import LoadedBaseModel, load_base_model
 from lora_assets.training.fused import train_fused
-from lora_assets.training.gguf_lora import GGUF_FILE, gguf_architecture, write_gguf_adapter
+from lora_assets.training.gguf_lora import GGUF_FILE, GGUF_TYPES, gguf_architecture, write_gguf_adapter
 from lora_assets.training.jobs import (
     InvalidTrainingData,
     ProgressFn,
@@ -48,12 +48,17 @@ from lora_assets.training.variant import AUTO, SEQUENTIAL, plan_training
 
 METADATA_FILE = "lora_assets.json"
 DEFAULT_FUSE = 8  # jobs per fused group (where the variant fuses: batched on a GPU by default)
+_STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def validate_job(job: TrainJob) -> None:
     """Raise InvalidTrainingData naming the job and the first example that cannot be trained on."""
     training_for(job.objective).validate(job)
     _ = job.steps
+    if job.peft_dtype not in _STORED_DTYPES:
+        raise InvalidTrainingData(f"job {job.name!r}: peft_dtype {job.peft_dtype!r} is not one of {', '.join(_STORED_DTYPES)}")
+    if job.gguf_type and job.gguf_type not in GGUF_TYPES:
+        raise InvalidTrainingData(f"job {job.name!r}: gguf_type {job.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
 
 
 def train_adapters(
@@ -196,9 +201,6 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-_STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _cast_saved(folder: Path, dtype: str) -> None:
