@@ -63,7 +63,6 @@ def main() -> None:
     from lora_assets.training.text import tokenize_example
 
     mode = MODES[MODE]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = load_base_model(DEFAULT_BASE_MODEL, device="cpu", dtype="fp32")
     q4 = device_base_gguf(DEFAULT_BASE_MODEL)
     dataset = build_examples(mode, generate_user(args.user))
@@ -108,8 +107,7 @@ def main() -> None:
         print(f"\nllama.cpp (Q4_1 + f16 adapter.gguf) vs the gate's fp32 PEFT loss: {agreement:+.2f}% "
               f"({gguf_losses['f16'] - result.adapter_eval_loss:+.4f} nats)")
 
-        write_gguf_adapter(out, config, Path(tmp) / "adapter.gguf", "f16")
-        _speed(q4, Path(tmp) / "adapter.gguf", mode, held_out[: args.prompts], args.gen_tokens)
+        _speed(q4, Path(tmp) / "adapter-f16.gguf", mode, held_out[: args.prompts], args.gen_tokens)
         sizes = {name: size for name, _rt, size, _l, _r in rows}
         _million(sizes, args.keep)
 

@@ -12,18 +12,19 @@ from lora_assets.paths import data_home
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lora_assets.adapters import adapter_dir
     from lora_assets.data.user_store import validate_user_id
+    from lora_assets.drive.publish import FORMATS
     from lora_assets.drive.sync import installed_adapter_dir, verify_installed
     from lora_assets.modes import get_mode
 
     mode = get_mode(args.mode)
-    home = data_home()
     if args.runtime == "llama-cpp":
         return _generate_llama_cpp(args, mode)
+    home = data_home()
     if args.no_adapter:
         path = None
     elif args.device_dir:
         path = installed_adapter_dir(Path(args.device_dir), args.base_model, mode.name)
-        verify_installed(path, ("adapter_model.safetensors", "adapter_config.json"))
+        verify_installed(path, FORMATS["peft"])
     else:
         if not args.user:
             raise ValueError("--user is required unless --device-dir is given")
@@ -45,7 +46,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_llama_cpp(args: argparse.Namespace, mode) -> int:
     """As a device does: llama.cpp on the quantized base GGUF with the synced ``adapter.gguf``."""
     from lora_assets.drive.llama_cpp import chat, open_llama
+    from lora_assets.drive.publish import FORMATS
     from lora_assets.drive.sync import installed_adapter_dir, verify_installed
+    from lora_assets.settings import Settings
     from lora_assets.training.base_models import device_base_gguf
 
     adapter = None
@@ -53,10 +56,10 @@ def _generate_llama_cpp(args: argparse.Namespace, mode) -> int:
         if not args.device_dir:
             raise ValueError("--runtime llama-cpp runs what a device has: give --device-dir (or --no-adapter)")
         folder = installed_adapter_dir(Path(args.device_dir), args.base_model, mode.name)
-        verify_installed(folder, ("adapter.gguf",))
-        adapter = folder / "adapter.gguf"
+        verify_installed(folder, FORMATS["gguf"])
+        (adapter,) = (folder / name for name in FORMATS["gguf"])
     base_gguf = Path(args.base_gguf) if args.base_gguf else device_base_gguf(args.base_model)
-    llm = open_llama(base_gguf, adapter, n_ctx=1024)
+    llm = open_llama(base_gguf, adapter, n_ctx=1024, threads=Settings.from_env().torch_threads or None)
     print(chat(llm, args.prompt, system=mode.system, max_new_tokens=args.max_new_tokens))
     return 0
 

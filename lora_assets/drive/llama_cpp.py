@@ -26,7 +26,8 @@ class LlamaCppUnavailable(RuntimeError):
 
 def open_llama(base_gguf: Path, adapter_gguf: Path | None = None, n_ctx: int = 512, logits_all: bool = False,
                threads: int | None = None):
-    """A ``llama_cpp.Llama`` on ``base_gguf`` with ``adapter_gguf`` applied (scale 1), or the bare base."""
+    """A ``llama_cpp.Llama`` on ``base_gguf`` with ``adapter_gguf`` applied (scale 1), or the bare
+    base; ``threads`` defaults to every core."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -34,7 +35,7 @@ def open_llama(base_gguf: Path, adapter_gguf: Path | None = None, n_ctx: int = 5
     for path in (base_gguf, adapter_gguf):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-    threads = threads or int(os.environ.get("LORA_ASSETS_TORCH_THREADS") or 0) or os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     try:
         return Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None,
                      n_ctx=n_ctx, logits_all=logits_all, n_threads=threads, n_threads_batch=threads,

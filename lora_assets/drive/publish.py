@@ -44,11 +44,11 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lora_asset
 DEVICE_FILES = ("adapter.gguf",)
 # Upload order: the metadata first, so even a half-uploaded version says what it was trained on
 # (``purge_versions`` finds it after a delete).
-UPLOAD_ORDER = ("lora_assets.json", "adapter_config.json", "adapter_model.safetensors", "adapter.gguf")
+UPLOAD_ORDER = ("lora_assets.json", "adapter_config.json", "adapter_model.safetensors", *DEVICE_FILES)
 # What a device installs for each ``sync --format``; every format also gets the manifest.
 FORMATS = {
-    "peft": ("adapter_model.safetensors", "adapter_config.json", "lora_assets.json"),
-    "gguf": ("adapter.gguf",),
+    "peft": ADAPTER_FILES,
+    "gguf": DEVICE_FILES,
     "all": ADAPTER_FILES + DEVICE_FILES,
 }
 MANIFEST = "manifest.json"
@@ -129,12 +129,11 @@ def fetch_verified(drive: ObjectStore, prefix: str, manifest: dict[str, Any],
     return out
 
 
-def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any],
-                  only: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any], only: tuple[str, ...] | None = None,
                   ) -> tuple[bytes, dict[str, Any], dict[str, bytes]]:
     """The version a CURRENT pointer names, as every reader takes it: the manifest checked against
-    the pointer's hash, then each file against the manifest (those ``only(manifest)`` names, when
-    given: a device's format). Returns (manifest bytes, manifest, files)."""
+    the pointer's hash, then each file against the manifest (those of ``only`` it lists, when
+    given: a reader's format). Returns (manifest bytes, manifest, files)."""
     key = f"{prefix}/{pointer['version']}/{MANIFEST}"
     try:
         manifest_bytes = drive.get(key)
@@ -143,7 +142,7 @@ def fetch_pointed(drive: ObjectStore, prefix: str, pointer: dict[str, Any],
     if _sha256(manifest_bytes) != pointer.get("manifest_sha256"):
         raise CorruptVersion(f"{key}: does not match the CURRENT pointer")
     manifest = json.loads(manifest_bytes)
-    return manifest_bytes, manifest, fetch_verified(drive, prefix, manifest, only(manifest) if only else None)
+    return manifest_bytes, manifest, fetch_verified(drive, prefix, manifest, only)
 
 
 def publish_adapter(

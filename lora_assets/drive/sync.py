@@ -88,10 +88,8 @@ DEFAULT_FORMAT = "all"
 def format_files(manifest: dict, fmt: str, where: str) -> tuple[str, ...]:
     """The files of ``manifest`` a device of format ``fmt`` installs; a version published before
     its format existed (no ``adapter.gguf``) cannot serve a ``gguf`` device."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown device format {fmt!r}: choose {', '.join(FORMATS)}")
     names = tuple(n for n in manifest["files"] if n in FORMATS[fmt])
-    missing = [n for n in FORMATS[fmt] if n not in manifest["files"] and fmt != "all"]
+    missing = [] if fmt == "all" else [n for n in FORMATS[fmt] if n not in manifest["files"]]
     if missing:
         raise CorruptVersion(f"{where}: version {manifest.get('version')} has no {', '.join(missing)} "
                              f"(published before the {fmt} format); sync --format peft, or wait for the next publish")
@@ -179,8 +177,8 @@ def _sync_mode(drive: ObjectStore, user: str, device_dir: Path, base_model: str,
             if old is not None:
                 report.unchanged.append((mode, version))
                 return
-    manifest_bytes, _, files = fetch_pointed(drive, prefix, pointer,
-                                             only=lambda m: format_files(m, fmt, f"{prefix}/{version}"))
+    manifest_bytes, manifest, files = fetch_pointed(drive, prefix, pointer, only=FORMATS[fmt])
+    format_files(manifest, fmt, f"{prefix}/{version}")  # refuses a version without the device's format
 
     mode_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=mode_dir))

@@ -46,7 +46,7 @@ def load_weights(drive: ObjectStore, user: str, base_model: str, mode: str, poin
     prefix = adapter_prefix(user, base_model, mode)
     where = f"{prefix}/{pointer.version}"
     try:
-        _, manifest, files = fetch_pointed(drive, prefix, pointer.pointer, only=lambda _m: FORMATS["peft"])
+        _, manifest, files = fetch_pointed(drive, prefix, pointer.pointer, only=FORMATS["peft"])
     except (CorruptVersion, FileNotFoundError, ValueError, KeyError) as exc:
         raise Unservable(f"{where}: {exc}") from None
     if manifest.get("base_model_revision") not in (None, base_revision):

@@ -209,8 +209,6 @@ def _cast_saved(folder: Path, dtype: str) -> None:
     tensors are what the gate evaluated; a warm start loads the stored ones back into fp32."""
     from safetensors.torch import load_file, save_file
 
-    if dtype not in _STORED_DTYPES:
-        raise ValueError(f"adapter dtype {dtype!r}: choose one of {', '.join(_STORED_DTYPES)}")
     if dtype == "fp32":
         return
     path = folder / "adapter_model.safetensors"
