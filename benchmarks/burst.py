@@ -93,7 +93,7 @@ def main() -> None:
 
     resolve_base_model(args.base_model, data_home())  # the shared base-model cache, built once
     users = user_ids(args.users)
-    env = {"LORA_ASSETS_SENSOR_INTERVAL_S": "5", "LORA_ASSETS_GATE_MARGIN": "0.0", "LORA_ASSETS_GATE_TOLERANCE": "0.0"}
+    env = {"LORA_ASSETS_SENSOR_INTERVAL_S": "5", "LORA_ASSETS_GATE_MARGIN": "0.0", "LORA_ASSETS_GATE_CONFIDENCE": "0.5"}
     env["LORA_ASSETS_TRAIN_STEPS"] = str(args.steps)
     if args.users_per_run:
         env["LORA_ASSETS_USERS_PER_RUN"] = str(args.users_per_run)

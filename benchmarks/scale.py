@@ -230,7 +230,7 @@ def run(args, postgres_url: str | None) -> int:
 
     load_base_model(TINY_BASE_MODEL, work / "data")
     instance = DagsterInstance.get()
-    res = LoraAssetsHome(home=str(work / "data"), train_steps=2, gate_margin=-100.0, gate_tolerance=100.0,
+    res = LoraAssetsHome(home=str(work / "data"), train_steps=2, gate_margin=-100.0, gate_confidence=1.0,
                          users_per_run=args.template_users)
     settings = res.settings()
     if postgres_url:

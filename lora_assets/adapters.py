@@ -110,6 +110,19 @@ def _lora_json(mode: Mode) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(mode.lora)))
 
 
+def validation_slice(mode: Mode, train: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(train, validation): the mode budget's share of the training examples set aside to choose
+    the step, picked by hashing ids (stable across rebuilds, independent of the eval split).
+    No slice when it would hold fewer than ``min_validation`` examples."""
+    budget = mode.budget
+    n = min(budget.max_validation, round(budget.validation_fraction * len(train)))
+    if n < budget.min_validation:
+        return train, []
+    ranked = sorted(train, key=lambda e: hashlib.sha256(f"{mode.name}:validation:{e.id}".encode()).digest())
+    chosen = {e.id for e in ranked[:n]}
+    return [e for e in train if e.id not in chosen], [e for e in train if e.id in chosen]
+
+
 def job_for(
     mode: Mode,
     user: str,
@@ -125,18 +138,25 @@ def job_for(
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table.
 
     Without a ``plan``: a full training on every training example. ``steps`` fixes the step
-    budget (tests, benchmarks); otherwise the mode's budget (or its update budget) decides.
+    budget (tests, benchmarks); otherwise a full training sets aside a validation slice that
+    chooses the step (early stopping within the mode's budget), and an incremental update
+    trains for its update budget.
     """
     rows = pairs_from if mode.objective.pairwise else examples_from
-    train = rows(dataset, "train")
+    train = everything = rows(dataset, "train")
     plan = plan or TrainingPlan(FULL, "full training", tuple(e.id for e in train))
+    validation: list[Any] = []
     if plan.path == INCREMENTAL:
         chosen = set(plan.train_ids)
         train = [e for e in train if e.id in chosen]
+    elif steps is None:
+        train, validation = validation_slice(mode, train)
     return TrainJob(
         name=f"{user}/{mode.name}",
         train=train,
         eval=rows(dataset, "eval"),
+        validation=validation,
+        retrievable=everything,
         objective=mode.objective,
         output_dir=Path(output_dir),
         lora=mode.lora,
@@ -154,6 +174,7 @@ def job_for(
             "incremental_streak": plan.streak,
             "warm_start_version": plan.warm_start_version,
             "examples_trained": len(train),
+            "validation_examples": len(validation),
             "trained_examples": example_fingerprints(dataset),
             **(metadata or {}),
         },

@@ -104,13 +104,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = []
     for a in report.adapters:
         gate = "-" if a.gate is None else (
-            f"{'pass' if a.gate.passed else 'FAIL'} {a.gate.base_eval_loss} -> {a.gate.adapter_eval_loss}")
+            f"{'pass' if a.gate.passed else 'FAIL'} {_loss(a.gate.base_eval_loss)} / "
+            f"{_loss(a.gate.retrieval_eval_loss)} -> {_loss(a.gate.adapter_eval_loss)}")
         published = f"{a.published_version} {when(a.published_at)}" if a.published_version else "-"
         rows.append([a.base_model, a.user, a.mode, a.state, (a.dataset_version or "-")[:12],
                      (a.trained_on or "-")[:12], published, gate, "" if a.state == FRESH else a.why])
     if rows:
         _print_table(["base model", "user", "mode", "state", "dataset", "trained on", "published (UTC)",
-                      "gate (base -> adapter loss)", "why"], rows)
+                      "gate (base / retrieval -> adapter loss)", "why"], rows)
     for a in report.adapters:
         if a.last_failure and a.state != FRESH:
             f = a.last_failure
@@ -129,3 +130,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{count} adapters: {totals or 'none'}; {report.live_runs} adapter runs in flight; "
           f"change feed: {report.pending_events} pending events, {report.dead_letters} dead letters")
     return 0
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -153,7 +153,7 @@ def train_and_gate(
         try:
             outcome.gate = evaluate_gate(
                 base, job, result, drive, outcome.work.user, outcome.work.mode,
-                settings.gate_margin, settings.gate_tolerance, outcome.live_examples,
+                settings.gate(), outcome.live_examples,
             )
         except Exception as exc:  # this adapter's trouble (say, its drive folder): not the batch's
             outcome.lost = f"eval gate not evaluated ({type(exc).__name__}: {exc})"

@@ -29,7 +29,9 @@ ENV_VARS: dict[str, str] = {
     "drive_root": "LORA_ASSETS_DRIVE_ROOT",
     "keep_versions": "LORA_ASSETS_KEEP_VERSIONS",
     "gate_margin": "LORA_ASSETS_GATE_MARGIN",
-    "gate_tolerance": "LORA_ASSETS_GATE_TOLERANCE",
+    "gate_confidence": "LORA_ASSETS_GATE_CONFIDENCE",
+    "gate_retrieval_k": "LORA_ASSETS_GATE_RETRIEVAL_K",
+    "gate_require_retrieval": "LORA_ASSETS_GATE_REQUIRE_RETRIEVAL",
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
     "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
     "fuse": "LORA_ASSETS_FUSE",
@@ -72,7 +74,9 @@ class Settings:
     drive_root: str = ""  # local backend: users' drives; empty means <home>/drive
     keep_versions: int = 3  # published versions kept per adapter
     gate_margin: float = 0.01  # publish only if held-out loss beats the base model's by this (nats)
-    gate_tolerance: float = 0.25  # ... and is at most this fraction worse than the published version's (run-to-run noise)
+    gate_confidence: float = 0.95  # ... and is not worse than the published version's at this one-sided level (paired bootstrap); 1.0: never refused for that
+    gate_retrieval_k: int = 2  # the retrieval baseline shows this many of the user's similar examples; 0: not scored
+    gate_require_retrieval: bool = False  # publish only adapters that beat the retrieval baseline
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
     users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
     fuse: int = 8  # at most this many adapters in one fused group (where the training variant fuses)
@@ -128,12 +132,22 @@ class Settings:
                               ("gguf_type", ("f16", "q8_0", "f32", "none")), ("adapter_dtype", ("fp32", "fp16", "bf16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not 0.5 <= self.gate_confidence <= 1.0:
+            raise ValueError(f"{ENV_VARS['gate_confidence']} must be between 0.5 and 1.0, not {self.gate_confidence}")
+        if self.gate_retrieval_k < 0:
+            raise ValueError(f"{ENV_VARS['gate_retrieval_k']} must be >= 0, not {self.gate_retrieval_k}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
                      "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s",
                      "serve_max_adapters", "serve_max_batch", "serve_max_concurrent", "serve_max_tokens",
                      "serve_max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
+
+    def gate(self):
+        """The eval gate's configuration (``lora_assets.gate.GateConfig``)."""
+        from lora_assets.gate import GateConfig
+
+        return GateConfig(self.gate_margin, self.gate_confidence, self.gate_retrieval_k, self.gate_require_retrieval)
 
     @property
     def adapter_files(self) -> dict[str, str]:
@@ -243,6 +257,10 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            return raw.strip().lower() in ("1", "true", "yes")
     except ValueError:
         raise ValueError(f"{ENV_VARS[f.name]}={raw!r} is not a valid {kind}") from None
     return raw

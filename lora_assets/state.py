@@ -62,6 +62,9 @@ adapters = db.Table(
     db.Column("base_eval_loss", db.Float),
     db.Column("adapter_eval_loss", db.Float),
     db.Column("published_eval_loss", db.Float),
+    db.Column("retrieval_eval_loss", db.Float),  # the base shown the user's similar examples (the baseline)
+    db.Column("adapter_retrieval_eval_loss", db.Float),  # the adapter shown them
+    db.Column("retrieval_helps", db.Boolean),  # adapter + retrieval beats the adapter alone (serving may add them)
     db.Column("published_version", db.String(80)),  # NULL: nothing published (or withdrawn)
     db.Column("published_at", db.Float),
     db.Column("withdrawn_at", db.Float),
@@ -138,7 +141,8 @@ STATES = ("fresh", "updating", "stale", "no_data", "withdrawn")
 ROW_COLUMNS = [
     d.c.user, d.c.version.label("dataset_version"), d.c.train_rows, d.c.built_at,
     a.c.trained_on, a.c.adapter_version, a.c.adapter_at, a.c.steps, a.c.gate_passed, a.c.gate_reason,
-    a.c.base_eval_loss, a.c.adapter_eval_loss, a.c.published_eval_loss, a.c.published_version,
+    a.c.base_eval_loss, a.c.adapter_eval_loss, a.c.published_eval_loss, a.c.retrieval_eval_loss,
+    a.c.adapter_retrieval_eval_loss, a.c.retrieval_helps, a.c.published_version,
     a.c.published_at, a.c.withdrawn_at, a.c.withdrawn_reason, a.c.run_id, a.c.error, a.c.error_at, REASON,
 ]
 
@@ -178,6 +182,19 @@ class StateStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
         metadata.create_all(self.engine, checkfirst=True)
+        self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Columns added since a table was created (``create_all`` adds tables, not columns):
+        nullable, so rows written before read as "not measured"."""
+        inspector = db.inspect(self.engine)
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    with self.engine.begin() as conn:
+                        conn.execute(db.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -234,13 +251,16 @@ class StateStore:
                 "training": json.dumps(training, sort_keys=True, default=str), "gate_passed": bool(gate["passed"]),
                 "gate_reason": gate.get("reason"), "base_eval_loss": gate.get("base_eval_loss"),
                 "adapter_eval_loss": gate.get("adapter_eval_loss"),
-                "published_eval_loss": gate.get("published_eval_loss"), "run_id": run_id,
+                "published_eval_loss": gate.get("published_eval_loss"),
+                **{k: gate.get(k) for k in ("retrieval_eval_loss", "adapter_retrieval_eval_loss", "retrieval_helps")},
+                "run_id": run_id,
                 **({"error": None, "error_at": None} if gate["passed"] else
                    {"error": f"eval gate failed: {gate.get('reason')}", "error_at": at}),
             })
             self._history(conn, base, user, mode, "trained" if gate["passed"] else "gate_failed", run_id,
                           adapter_version=adapter_version, trained_on=trained_on, steps=steps,
-                          **{k: gate.get(k) for k in ("reason", "base_eval_loss", "adapter_eval_loss")})
+                          **{k: gate.get(k) for k in ("reason", "base_eval_loss", "adapter_eval_loss",
+                                                      "retrieval_eval_loss")})
 
     def record_published(self, base: str, user: str, mode: str, version: str, run_id: str | None,
                          at: float | None = None) -> None:

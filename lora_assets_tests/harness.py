@@ -65,7 +65,7 @@ class Daemon:
             "LORA_ASSETS_TRAIN_STEPS": "3",
             # Gate on "better than base"; retrains of a few steps may tie the published version.
             "LORA_ASSETS_GATE_MARGIN": "0.0",
-            "LORA_ASSETS_GATE_TOLERANCE": "1.0",
+            "LORA_ASSETS_GATE_CONFIDENCE": "1.0",
             **(env or {}),
         }
         self.instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(self.dagster_home)))

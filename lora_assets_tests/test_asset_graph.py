@@ -119,6 +119,9 @@ def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_e
         with torch.no_grad():
             assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == base.config.vocab_size
         assert row["adapter_eval_loss"] < row["base_eval_loss"] and row["steps"] == 8
+        # The retrieval baseline beside the base: the base shown the user's 2 most similar replies.
+        assert row["retrieval_eval_loss"] > 0 and row["adapter_retrieval_eval_loss"] > 0
+        assert row["retrieval_eval_loss"] != row["base_eval_loss"] and isinstance(row["retrieval_helps"], bool)
         assert state.training("tiny-llama", user, "mail_reply")["size_bytes"] > 0
 
     mats = {m.asset_key: m for m in result.asset_materializations_for_node("mail_reply__adapter")}
@@ -127,6 +130,10 @@ def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_e
     meta = _meta(adapter_mat)
     assert (meta["users"], meta["trained"], meta["steps"]) == (2, 2, 16)
     assert meta["mean_eval_loss_improvement"] > 0
+    assert meta["mean_retrieval_eval_loss"] == pytest.approx(
+        sum(r["retrieval_eval_loss"] for r in rows.values()) / 2, abs=1e-3), "the UI shows it beside the base's"
+    assert meta["mean_base_eval_loss"] == pytest.approx(sum(r["base_eval_loss"] for r in rows.values()) / 2, abs=1e-3)
+    assert meta["retrieval_scored"] == 2 and "beat_retrieval" in meta
     assert _meta(published_mat)["published"] == 2
     (verdict,) = result.get_asset_check_evaluations()
     assert verdict.passed and verdict.partition == "tiny-llama" and verdict.metadata["passed"].value == 2

@@ -21,8 +21,8 @@ USERS = ("good", "nodata", "regress")
 @pytest.fixture
 def batch_env(tmp_path, home, tiny_base, synthetic_tables):
     (tmp_path / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    # No regression tolerated: a 3-step retrain against a 60-step adapter must fail its gate.
-    res = LoraAssetsHome(home=str(tmp_path), train_steps=3, gate_margin=0.0, gate_tolerance=0.0)
+    # The strictest gate (any paired regression): a 3-step retrain against a 60-step adapter must fail it.
+    res = LoraAssetsHome(home=str(tmp_path), train_steps=3, gate_margin=0.0, gate_confidence=0.5)
     store = res.store()
     write_user(store, "good", synthetic_tables["user-000"])
     write_user(store, "regress", synthetic_tables["user-001"])
@@ -110,7 +110,7 @@ def _publish(instance, res, users, mode="search_suggest"):
 
 def test_a_corrupt_published_version_fails_nobody_and_is_published_over(batch_env, synthetic_tables):
     instance, _ = batch_env
-    res = LoraAssetsHome(home=batch_env[1].home, train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    res = LoraAssetsHome(home=batch_env[1].home, train_steps=3, gate_margin=0.0, gate_confidence=1.0)
     write_user(res.store(), "third", synthetic_tables["user-000"])
     register_users(res.settings(), ["third"])
     assert run_dataset_batch(instance, {"third": ["browsing"]}, res).success

@@ -18,7 +18,8 @@ from lora_assets.drive.publish import (
     read_current,
 )
 from lora_assets.drive.sync import installed_adapter_dir, installed_version, sync_device, verify_installed
-from lora_assets.gate import decide
+from lora_assets.gate import GateConfig, decide, paired
+from lora_assets.training.objectives import Scores
 from lora_assets.modes import MODES, build_examples
 from lora_assets.storage import LocalObjectStore, PreconditionFailed
 from lora_assets.training import train_adapters
@@ -283,11 +284,25 @@ def test_retention_keeps_exactly_k_versions_and_never_the_current_one(trained, t
 
 
 def test_gate_decision():
-    assert decide(3.0, 2.0, None, margin=0.1, tolerance=0.0)[0]
-    assert not decide(3.0, 2.95, None, margin=0.1, tolerance=0.0)[0]
-    assert not decide(3.0, 2.0, 1.9, margin=0.1, tolerance=0.05)[0]
-    assert decide(3.0, 2.0, 1.96, margin=0.1, tolerance=0.05)[0]
-    assert decide(None, None, None, 0.1, 0.0) == (False, "no held-out examples to evaluate on")
+    strict = GateConfig(margin=0.1)
+    assert decide(3.0, 2.0, None, strict)[0]
+    assert not decide(3.0, 2.95, None, strict)[0], "not better than the base by the margin"
+    worse = paired(Scores([2.2, 2.1, 2.3, 2.2], [1] * 4), Scores([1.9, 1.9, 2.0, 1.9], [1] * 4), 0.95)
+    assert worse.worse and not decide(3.0, 2.2, worse, strict, published_loss=1.9)[0]
+    noise = paired(Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), Scores([1.9, 2.0, 1.8, 2.0], [1] * 4), 0.95)
+    assert not noise.worse and decide(3.0, 1.95, noise, strict, published_loss=1.925)[0], "a tie is published"
+    assert not paired(Scores([2.2] * 4, [1] * 4), Scores([1.9] * 4, [1] * 4), 1.0).worse, "confidence 1: never refused"
+    assert not decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=1.9)[0]
+    assert decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=2.1)[0]
+    assert decide(None, None, None, strict) == (False, "no held-out examples to evaluate on")
+
+
+def test_the_paired_difference_weighs_examples_by_their_tokens():
+    # Two examples: 10 tokens 0.1 nats worse each, 1 token 1 nat better: the mean is worse by 0.09 / token.
+    result = paired(Scores([11.0, 1.0], [10, 1]), Scores([10.0, 2.0], [10, 1]), 0.95)
+    assert result.difference == pytest.approx((12.0 - 12.0) / 11)
+    result = paired(Scores([11.0, 1.0], [10, 1]), Scores([10.0, 1.5], [10, 1]), 0.95)
+    assert result.difference == pytest.approx(0.5 / 11) and result.lower <= result.difference <= result.upper
 
 
 def test_corrupt_version_error_names_the_file(trained, tmp_path):

@@ -58,7 +58,7 @@ def test_a_canary_planted_in_one_users_mail_is_exposed_only_by_their_adapter(tin
 def two_users(tmp_path, home, tiny_base, synthetic_tables):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = LoraAssetsHome(home=str(tmp_path / "data"), train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    res = LoraAssetsHome(home=str(tmp_path / "data"), train_steps=3, gate_margin=0.0, gate_confidence=1.0)
     settings = res.settings()
     secret = random_secret(random.Random("canary"))
     tables = {"alice": _with_canary(synthetic_tables["user-000"], secret), "bob": synthetic_tables["user-001"]}

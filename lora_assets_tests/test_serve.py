@@ -79,7 +79,7 @@ def served(tmp_path_factory, home, tiny_base):
     (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
     env = {**os.environ, "LORA_ASSETS_HOME": str(data), "DAGSTER_HOME": str(tmp / "dagster"),
            # 3-step adapters barely move the loss: publish whatever trains.
-           "LORA_ASSETS_GATE_MARGIN": "-100", "LORA_ASSETS_GATE_TOLERANCE": "100"}
+           "LORA_ASSETS_GATE_MARGIN": "-100", "LORA_ASSETS_GATE_CONFIDENCE": "1.0"}
     lora_assets("demo", "--base-model", "tiny-llama", "--users", str(len(USERS)), "--modes", MODE, "--steps", "3",
                 env=env)
     tokens = {u: lora_assets("serve-token", "--user", u, env=env).stdout.strip() for u in USERS}

@@ -22,7 +22,7 @@ def deployment(tmp_path, home, tiny_base, synthetic_tables, monkeypatch):
     """Two users' data ingested, an instance, and the CLI pointed at both."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = LoraAssetsHome(home=str(tmp_path / "data"), train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    res = LoraAssetsHome(home=str(tmp_path / "data"), train_steps=3, gate_margin=0.0, gate_confidence=1.0)
     for user, tables in (("alice", synthetic_tables["user-000"]), ("bob", synthetic_tables["user-001"])):
         for source in ("mail", "contacts", "browsing"):
             ingest(res.store(), res.feed(), user, source, tables[source].to_pylist())
@@ -59,6 +59,8 @@ def test_status_tells_fresh_stale_updating_and_no_data_apart_with_the_reason(dep
     assert fresh["state"] == "fresh" and fresh["published_version"] == pointer["version"]
     assert fresh["trained_on"] == fresh["dataset_version"] and fresh["gate"]["passed"] is True
     assert fresh["gate"]["adapter_eval_loss"] < fresh["gate"]["base_eval_loss"]
+    assert fresh["gate"]["retrieval_eval_loss"] > 0, "the retrieval baseline, beside the base's loss"
+    assert isinstance(fresh["gate"]["retrieval_helps"], bool)
     assert fresh["training"]["steps"] == 3 and fresh["training"]["training"] == "full"  # how, for a developer
     assert mine[("alice", "search_suggest")]["state"] == "stale"
     assert mine[("alice", "search_suggest")]["why"] == "never trained"

@@ -148,7 +148,7 @@ def materialize_from_ui(context, partition: str, res: LoraAssetsHome) -> dict:
         "selector": selector,
         "runConfigData": {"resources": {"lora_home": {"config": {
             "home": str(res.home), "train_steps": res.train_steps,
-            "gate_margin": res.gate_margin, "gate_tolerance": res.gate_tolerance,
+            "gate_margin": res.gate_margin, "gate_confidence": res.gate_confidence,
         }}}},
         "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
     })["launchPipelineExecution"]
@@ -163,7 +163,7 @@ def ui(tmp_path: Path, home: Path, tiny_base, synthetic_tables) -> Iterator[tupl
     data = tmp_path / "data"
     data.mkdir()
     (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = LoraAssetsHome(home=str(data), train_steps=3, gate_margin=0.0, gate_tolerance=1.0)
+    res = LoraAssetsHome(home=str(data), train_steps=3, gate_margin=0.0, gate_confidence=1.0)
     settings = res.settings()
     for user, generated in (("alice", "user-000"), ("bob", "user-001")):
         for source in SOURCES:

@@ -24,7 +24,7 @@ MAIL = MODES["mail_reply"]
 @pytest.fixture
 def env(tmp_path, home, tiny_base, synthetic_tables):
     (tmp_path / "base_models").symlink_to(home / "base_models", target_is_directory=True)
-    res = LoraAssetsHome(home=str(tmp_path), gate_margin=0.0, gate_tolerance=1.0)
+    res = LoraAssetsHome(home=str(tmp_path), gate_margin=0.0, gate_confidence=1.0)
     tables = dict(synthetic_tables["user-000"])
     mail = tables["mail"].to_pylist()
     tables["mail"] = pa.Table.from_pylist(mail[:-3], schema=tables["mail"].schema)  # 3 mails arrive later
@@ -69,8 +69,8 @@ def test_an_update_that_fails_the_gate_is_retrained_in_full_in_the_same_run(env)
     _train(instance, res)
     res.store().write("alice", "mail", pa.Table.from_pylist(later[:1], schema=res.store().read("alice", "mail").schema))
     assert run_dataset_batch(instance, {"alice": ["mail", "contacts"]}, res).success
-    # A tolerance no retrain can meet (90 % better than the published adapter): the update fails ...
-    picky = LoraAssetsHome(home=res.home, gate_margin=0.0, gate_tolerance=-0.9)
+    # A margin no retrain can meet (100 nats better than the base): the update fails ...
+    picky = LoraAssetsHome(home=res.home, gate_margin=100.0)
     assert not run_adapter_batch(instance, "tiny-llama", [("alice", "mail_reply")], picky).success
     meta = res.state().training("tiny-llama", "alice", "mail_reply")
     # ... so the same run trained from scratch and gated that one instead.
@@ -120,7 +120,7 @@ def test_dpo_keeps_what_earlier_feedback_taught(env, synthetic_tables):
     instance, res, _later = env
     feedback = synthetic_tables["user-000"]["feedback"].to_pylist()
     schema = synthetic_tables["user-000"]["feedback"].schema
-    strong = LoraAssetsHome(home=res.home, gate_margin=0.0, gate_tolerance=1.0, train_steps=25)
+    strong = LoraAssetsHome(home=res.home, gate_margin=0.0, gate_confidence=1.0, train_steps=25)
     later = feedback[len(feedback) * 19 // 20 :]
     res.store().write("alice", "feedback", deletes=[r["id"] for r in later])  # the last 5 % arrive later
     round1 = _train(instance, strong, mode="tone_rewrite", sources=("feedback",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lora_assets.datasets import RefreshedDataset
@@ -14,8 +15,13 @@ def gate_metadata(gate) -> dict[str, Any]:
         "adapter_eval_loss": _r(gate.adapter_eval_loss),
         "published_version": gate.published_version or "",
         "published_eval_loss": _r(gate.published_eval_loss),
+        "retrieval_eval_loss": _r(gate.retrieval_eval_loss),
+        "adapter_retrieval_eval_loss": _r(gate.adapter_retrieval_eval_loss),
+        "retrieval_helps": gate.retrieval_helps,
         "margin": gate.margin,
-        "tolerance": gate.tolerance,
+        "confidence": gate.confidence,
+        **({"vs_published": _r(gate.vs_published.difference),
+            "vs_published_lower": _r(gate.vs_published.lower)} if gate.vs_published else {}),
     }
 
 
@@ -29,4 +35,5 @@ def skipped_warning(mode: str, user: str, refreshed: RefreshedDataset) -> str | 
 
 
 def _r(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 4)
+    """Rounded for reading; None also for an infinite bound (confidence 1.0), which JSON lacks."""
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)

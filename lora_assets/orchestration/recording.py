@@ -104,9 +104,15 @@ class Summary:
         counts, sums = self.counts[(key, partition)], self.sums[(key, partition)]
         out: dict[str, Any] = {"users": sum(counts.values()), **dict(sorted(counts.items()))}
         out.update({k: round(v, 4) for k, v in sorted(sums.items())})
+        for name in MEAN_LOSSES:
+            out.pop(name, None)
         if counts.get("trained") or counts.get("gate_failed"):
             gated = counts.get("trained", 0) + counts.get("gate_failed", 0)
             out["mean_eval_loss_improvement"] = round(sums.get("eval_loss_improvement", 0.0) / gated, 4)
+            for name in MEAN_LOSSES:
+                scored = sums.get("retrieval_scored", 0) if name.startswith("retrieval") else gated
+                if name in sums and scored:
+                    out[f"mean_{name}"] = round(sums[name] / scored, 4)
         if self.expected[(key, partition)]:
             out["not_gated"] = self.not_gated(key, partition)
         out["versions_digest"] = self.data_version(key, partition)
@@ -121,6 +127,19 @@ class Summary:
             tags = {DATA_VERSION_TAG: self.data_version(key, partition), DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
             context.log_event(AssetMaterialization(key, partition=partition, metadata=self.metadata(key, partition),
                                                    tags=tags))
+
+
+MEAN_LOSSES = ("base_eval_loss", "adapter_eval_loss", "retrieval_eval_loss")  # shown as mean_<name> per run
+
+
+def _losses(gate) -> dict[str, float | None]:
+    """The gate's held-out losses, summed per run so the materialization shows their means."""
+    out = {"base_eval_loss": gate.base_eval_loss, "adapter_eval_loss": gate.adapter_eval_loss}
+    if gate.retrieval_eval_loss is not None and gate.adapter_eval_loss is not None:
+        out.update(retrieval_eval_loss=gate.retrieval_eval_loss, retrieval_scored=1,
+                   beat_retrieval=int(gate.adapter_eval_loss < gate.retrieval_eval_loss),
+                   retrieval_helps=int(gate.retrieval_helps))
+    return out
 
 
 def gate_evaluation(summary: Summary, adapter: AssetKey, check_name: str, partition: str | None,
@@ -220,7 +239,7 @@ def record_outcome(context: OpExecutionContext, settings, summary: Summary, outc
     improvement = plain.get("eval_loss_improvement")
     summary.add(adapter, base, "trained" if outcome.gate.passed else "gate_failed", plain["sha256"],
                 steps=plain.get("steps"), train_tokens=plain.get("train_tokens"), eval_loss_improvement=improvement,
-                size_bytes=plain.get("size_bytes"))
+                size_bytes=plain.get("size_bytes"), **_losses(outcome.gate))
     line = f"[{w.name}] {plain['steps']} steps, eval loss {plain['base_eval_loss']} -> {plain['adapter_eval_loss']}"
     if not outcome.gate.passed:
         context.log.warning(f"{line}; eval gate failed: {outcome.gate.reason}")

@@ -28,7 +28,9 @@ class LoraAssetsHome(ConfigurableResource):
     drive_root: str | None = None
     keep_versions: int | None = None
     gate_margin: float | None = None
-    gate_tolerance: float | None = None
+    gate_confidence: float | None = None
+    gate_retrieval_k: int | None = None
+    gate_require_retrieval: bool | None = None
     train_steps: int | None = None
     users_per_run: int | None = None
     fuse: int | None = None

@@ -47,6 +47,9 @@ class Gate:
     adapter_eval_loss: float | None
     published_eval_loss: float | None
     at: float
+    retrieval_eval_loss: float | None = None  # the base shown the user's most similar examples
+    adapter_retrieval_eval_loss: float | None = None  # the adapter shown them
+    retrieval_helps: bool | None = None  # adapter + retrieval beats the adapter alone (with confidence)
 
 
 @dataclass
@@ -146,7 +149,9 @@ def _gate(row: dict[str, Any]) -> Gate | None:
     if row.get("adapter_version") is None or row.get("gate_passed") is None:
         return None
     return Gate(bool(row["gate_passed"]), row.get("gate_reason") or "", row.get("base_eval_loss"),
-                row.get("adapter_eval_loss"), row.get("published_eval_loss"), row.get("adapter_at"))
+                row.get("adapter_eval_loss"), row.get("published_eval_loss"), row.get("adapter_at"),
+                row.get("retrieval_eval_loss"), row.get("adapter_retrieval_eval_loss"),
+                None if row.get("retrieval_helps") is None else bool(row["retrieval_helps"]))
 
 
 def to_status(base: str, mode: str, row: dict[str, Any], live: LiveRun | None = None,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lora_assets.training.base_models import LoadedBaseModel, load_base_model
+from lora_assets.training.early_stopping import EarlyStopping
 from lora_assets.training.fused import train_fused
 from lora_assets.training.gguf_lora import GGUF_FILE, GGUF_TYPES, gguf_architecture, write_gguf_adapter
 from lora_assets.training.jobs import (
@@ -123,6 +124,11 @@ def _train_one(
         before = prepared.evaluate(model)[1] if prepared.metrics_before_training else {}
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
+        stopping = EarlyStopping(
+            job, lambda: prepared.validate(model),
+            snapshot=lambda: [p.detach().clone() for p in params],
+            restore=lambda best: [p.data.copy_(b) for p, b in zip(params, best)],
+        )
         model.train()
         curve: list[float] = []
         total_tokens = train_tokens = 0
@@ -137,6 +143,9 @@ def _train_one(
             train_tokens += supervised_tokens(batch)
             if progress:
                 progress(job.name, step, steps, curve[-1], total_tokens / (time.perf_counter() - start))
+            if stopping.after_step(step):
+                break
+        stopping.finish()
         seconds = time.perf_counter() - start
         adapter_eval, after = prepared.evaluate(model)
         if on_trained is not None:
@@ -146,7 +155,7 @@ def _train_one(
             output_dir=Path(job.output_dir),
             base_model=base.ref.key,
             base_model_revision=base.ref.revision,
-            steps=steps,
+            steps=len(curve),
             loss_curve=curve,
             base_eval_loss=base_eval,
             adapter_eval_loss=adapter_eval,
@@ -155,6 +164,8 @@ def _train_one(
             seconds=seconds,
             tokens_per_second=total_tokens / seconds if seconds else 0.0,
             extra_metrics={**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}},
+            best_step=stopping.best_step,
+            validation_curve=stopping.curve,
         )
         _save_adapter(model, job, base, result)
         return result

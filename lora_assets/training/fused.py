@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_assets.training.base_models import LoadedBaseModel
+from lora_assets.training.early_stopping import EarlyStopping
 from lora_assets.training.jobs import ProgressFn, TrainJob, TrainResult
 from lora_assets.training.objectives import Prepared, training_for
 from lora_assets.training.text import causal_lm, pad_batch, supervised_tokens
@@ -71,6 +72,7 @@ class _Job:
     steps: int
     optimizer: torch.optim.Optimizer
     curve: list[float]
+    stopping: EarlyStopping | None = None
     total_tokens: int = 0
     train_tokens: int = 0
 
@@ -161,6 +163,7 @@ def train_fused(
             params.extend([a, b])
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
         state.append(_Job(job, prepared, len(prepared.batches), optimizer, curve=[]))
+        state[-1].stopping = _stopping(len(state) - 1, state[-1], base, wrapped)
     block_losses = training_for(jobs[0].objective).block_losses
     results: dict[int, TrainResult] = {}
     clock = 0.0  # seconds spent in the group's passes (not in finishing its jobs)
@@ -188,6 +191,9 @@ def train_fused(
             if progress:
                 for j in active:
                     progress(state[j].job.name, step + 1, state[j].steps, state[j].curve[-1], group_tokens / clock)
+            for j in active:
+                if state[j].stopping.after_step(step + 1):
+                    state[j].steps = step + 1  # validation stopped improving: it leaves the group now
             for j in (j for j in active if step + 1 == state[j].steps):
                 results[j] = _finish(j, state, base, base_losses[j], wrapped, clock, group_tokens, on_trained, save)
                 if on_saved is not None:
@@ -199,6 +205,25 @@ def train_fused(
         wrapped.uninstall()
         base.model.eval()
     return [results[j] for j in range(len(state))]
+
+
+def _stopping(j: int, s: _Job, base: LoadedBaseModel, wrapped: _Wrapped) -> EarlyStopping:
+    """Job ``j``'s early stopping on its own rows of the fused layers."""
+
+    def validate() -> float | None:
+        wrapped.activate([j])
+        return s.prepared.validate(base.model)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [w[j].detach().clone() for layer in wrapped.layers.values() for w in (layer.lora_a, layer.lora_b)]
+
+    def restore(best: list[torch.Tensor]) -> None:
+        mine = [w[j] for layer in wrapped.layers.values() for w in (layer.lora_a, layer.lora_b)]
+        with torch.no_grad():
+            for t, b in zip(mine, best):
+                t.copy_(b)
+
+    return EarlyStopping(s.job, validate, snapshot, restore)
 
 
 def _pass(state: list[_Job], base: LoadedBaseModel, wrapped: _Wrapped, block_losses, chunk: list[int], step: int) -> torch.Tensor:
@@ -226,6 +251,7 @@ def _finish(
 ) -> TrainResult:
     """Evaluate job ``j``, take it out of the group and save it through peft."""
     s = state[j]
+    s.stopping.finish()
     wrapped.activate([j])
     adapter_loss, extra = s.prepared.evaluate(base.model)
     weights = {}
@@ -239,7 +265,7 @@ def _finish(
         output_dir=s.job.output_dir,
         base_model=base.ref.key,
         base_model_revision=base.ref.revision,
-        steps=s.steps,
+        steps=len(s.curve),
         loss_curve=s.curve,
         base_eval_loss=base_loss,
         adapter_eval_loss=adapter_loss,
@@ -251,6 +277,8 @@ def _finish(
         fused_with=len(state),
         group_seconds=clock,
         group_tokens_per_second=group_tokens / clock if clock else 0.0,
+        best_step=s.stopping.best_step,
+        validation_curve=s.stopping.curve,
     )
     s.optimizer, s.prepared = None, None  # type: ignore[assignment]
     _save_through_peft(base, s.job, weights, result, on_trained, save)

@@ -23,7 +23,9 @@ class TrainJob:
     name: str  # shown in progress and errors, e.g. "alice/mail_reply"
     train: Sequence[Any]  # Example for SFT, PreferencePair for DPO
     output_dir: Path
-    eval: Sequence[Any] = ()
+    eval: Sequence[Any] = ()  # the gate's held-out set: never trained on, never used to choose a step
+    validation: Sequence[Any] = ()  # a slice of the training examples that chooses the step (early stopping)
+    retrievable: Sequence[Any] = ()  # what the retrieval baseline may show: the user's training examples (default train + validation)
     objective: Objective = field(default_factory=SFT)
     lora: LoraSpec = field(default_factory=LoraSpec)
     max_steps: int | None = 20  # a fixed step budget; when None, ``budget`` decides
@@ -40,12 +42,20 @@ class TrainJob:
 
     @property
     def steps(self) -> int:
-        """The step budget: ``max_steps``, or the ``budget``'s epochs over the training examples."""
+        """The most steps it may train: ``max_steps``; with a validation slice the budget's
+        ``max_steps`` (early stopping ends it sooner); else the budget's epochs formula."""
         if self.max_steps is not None:
             if self.max_steps < 1:
                 raise InvalidTrainingData(f"job {self.name!r}: max_steps must be >= 1")
             return self.max_steps
+        if self.early_stopping:
+            return self.budget.max_steps
         return self.budget.steps(len(self.train), self.batch_size)
+
+    @property
+    def early_stopping(self) -> bool:
+        """Whether validation chooses the step: a slice is given and no fixed ``max_steps``."""
+        return bool(self.validation) and self.max_steps is None
 
 
 @dataclass
@@ -70,6 +80,8 @@ class TrainResult:
     fused_with: int = 1  # jobs of the fused group it trained in (1: alone)
     group_seconds: float | None = None  # the group's training time from its first step to this job's last
     group_tokens_per_second: float | None = None  # tokens of the whole group / group_seconds
+    best_step: int | None = None  # the step whose adapter was kept (early stopping); None: the last
+    validation_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) as scored
 
     def timing(self) -> dict[str, Any]:
         """The timing figures that apply, under names that say whose they are."""

@@ -26,11 +26,14 @@ from lora_assets.training.dpo import (
     validate_pairs,
 )
 from lora_assets.training.jobs import TrainJob, validate_examples
+from lora_assets.training.retrieval import Retriever, tokenize_retrieved
 from lora_assets.training.text import (
     Example,
     batch_order,
+    collate_in_order,
     eval_batches_for,
     eval_loss,
+    example_losses,
     make_batches,
     response_loss,
     response_loss_per_block,
@@ -49,10 +52,35 @@ class Prepared:
     loss: Callable[[Any, int, Batch], torch.Tensor]  # (model, step index, batch) -> loss
     evaluate: Callable[[Any], tuple[float | None, dict[str, float]]]  # held-out loss, extra metrics
     metrics_before_training: bool  # whether `evaluate` before training tells more than the base loss
+    validate: Callable[[Any], float | None]  # the same measure on the validation slice (None: no slice)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's loss on each held-out example, for paired comparisons on the same examples:
+    ``losses[i]`` summed over ``weights[i]`` scored units (response tokens; 1 for a DPO pair)."""
+
+    losses: list[float]
+    weights: list[int]
+
+    @property
+    def mean(self) -> float | None:
+        """The held-out loss as training reports it (unit-weighted mean)."""
+        total = sum(self.weights)
+        return sum(self.losses) / total if total else None
+
+
+def _scored(base: LoadedBaseModel, adapter_dir: Path | None, score: Callable[[Any], Scores]) -> Scores:
+    if adapter_dir is None:
+        return score(base.model)
+    with attached(base, adapter_dir) as model:
+        return score(model)
 
 
 class SftTraining:
     """Next-token loss on response tokens; held-out measure: the same loss on the eval split."""
+
+    retrieval = True  # the retrieval baseline applies: examples are texts a prompt can show
 
     # Each row's loss depends on that row alone, so several jobs' batches can share a pass:
     # ``block_losses(model, batch, k)`` gives each of k stacked batches its own mean loss.
@@ -62,29 +90,45 @@ class SftTraining:
     def validate(self, job: TrainJob) -> None:
         validate_examples(job.name, job.train, "train", Example, ("prompt", "response"))
         validate_examples(job.name, job.eval, "eval", Example, ("prompt", "response"))
+        validate_examples(job.name, job.validation, "validation", Example, ("prompt", "response"))
 
     def prepare(self, job: TrainJob, base: LoadedBaseModel) -> Prepared:
         tok = base.tokenizer
         tokenized = [tokenize_example(tok, ex, job.max_length) for ex in job.train]
         batches = [to_device(b, base.device) for b in make_batches(tokenized, job.batch_size, job.steps, job.seed, tok.pad_token_id)]
         held_out = eval_batches_for(tok, base.device, job.eval, job.batch_size, job.max_length)
+        validation = eval_batches_for(tok, base.device, job.validation, job.batch_size, job.max_length)
         return Prepared(
             batches=batches,
             loss=lambda model, _i, batch: response_loss(model, batch),
             evaluate=lambda model: (eval_loss(model, held_out), {}),
             metrics_before_training=False,
+            validate=lambda model: eval_loss(model, validation),
         )
 
     def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
-        held_out = eval_batches_for(base.tokenizer, base.device, job.eval, job.batch_size, job.max_length)
-        with attached(base, adapter_dir) as model:
-            return eval_loss(model, held_out)
+        return self.scores(base, adapter_dir, job).mean
+
+    def scores(self, base: LoadedBaseModel, adapter_dir: Path | None, job: TrainJob, retrieved: int = 0) -> Scores:
+        """Per-example held-out loss of the base (``adapter_dir`` None) or a saved adapter; with
+        ``retrieved`` > 0, each prompt also shows that many of the user's most similar training
+        examples (the retrieval baseline), scored on the same response tokens."""
+        tok = base.tokenizer
+        if retrieved:
+            retriever = Retriever(job.retrievable or [*job.train, *job.validation])
+            tokenized = [tokenize_retrieved(tok, ex, retriever.similar(ex.prompt, retrieved), job.max_length)
+                         for ex in job.eval]
+        else:
+            tokenized = [tokenize_example(tok, ex, job.max_length) for ex in job.eval]
+        batches = collate_in_order(tok, base.device, tokenized, job.batch_size)
+        return _scored(base, adapter_dir, lambda model: Scores(*example_losses(model, batches)))
 
 
 class DpoTraining:
     """Sigmoid DPO against the frozen base; held-out measure: the DPO loss on eval pairs."""
 
     fusable = False  # chosen and rejected rows of a pair, and their base reference, go together
+    retrieval = False
 
     def __init__(self, objective: DPO) -> None:
         self.beta = objective.beta
@@ -92,6 +136,7 @@ class DpoTraining:
     def validate(self, job: TrainJob) -> None:
         validate_pairs(job.name, job.train, "train")
         validate_pairs(job.name, job.eval, "eval")
+        validate_pairs(job.name, job.validation, "validation")
 
     def prepare(self, job: TrainJob, base: LoadedBaseModel) -> Prepared:
         pairs: list[PreferencePair] = list(job.train)
@@ -100,9 +145,11 @@ class DpoTraining:
             for idx in batch_order(len(pairs), job.batch_size, job.steps, job.seed)
         ]
         held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
+        validation = pair_batches(base, job.validation, job.batch_size, job.max_length)
         with torch.no_grad():  # the reference is the frozen base, before any LoRA is attached
             refs = [sequence_logps(base.model, b) for b in batches]
             held_out_refs = [sequence_logps(base.model, b) for b in held_out]
+            validation_refs = [sequence_logps(base.model, b) for b in validation]
         beta = self.beta
 
         def loss(model, i: int, batch: Batch) -> torch.Tensor:
@@ -116,7 +163,11 @@ class DpoTraining:
                 return None, {}
             return metrics.loss, {"preference_accuracy": metrics.accuracy, "reward_margin": metrics.mean_margin}
 
-        return Prepared(batches=batches, loss=loss, evaluate=evaluate, metrics_before_training=True)
+        def validate(model) -> float | None:
+            metrics = preference_metrics(model, validation, validation_refs, beta)
+            return metrics.loss if metrics else None
+
+        return Prepared(batches=batches, loss=loss, evaluate=evaluate, metrics_before_training=True, validate=validate)
 
     def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
         held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
@@ -125,6 +176,27 @@ class DpoTraining:
         with attached(base, adapter_dir) as model:
             metrics = preference_metrics(model, held_out, refs, self.beta)
         return metrics.loss if metrics else None
+
+    def scores(self, base: LoadedBaseModel, adapter_dir: Path | None, job: TrainJob, retrieved: int = 0) -> Scores:
+        """Per-pair held-out DPO loss (the base scores ln 2 on each). No retrieval baseline:
+        a preference is not a text to show."""
+        if retrieved:
+            raise ValueError("the retrieval baseline applies to SFT modes only")
+        held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
+        with torch.no_grad():
+            refs = [sequence_logps(base.model, b) for b in held_out]
+
+        def score(model) -> Scores:
+            losses: list[float] = []
+            with torch.no_grad():
+                for batch, ref in zip(held_out, refs):
+                    logps = sequence_logps(model, batch)
+                    n = logps.shape[0] // 2
+                    margins = self.beta * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))
+                    losses += torch.nn.functional.softplus(-margins).tolist()  # -log sigmoid(margin)
+            return Scores(losses, [1] * len(losses))
+
+        return _scored(base, adapter_dir, score)
 
 
 def training_for(objective: Objective) -> SftTraining | DpoTraining:

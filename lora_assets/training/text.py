@@ -170,11 +170,36 @@ def eval_loss(model, batches: Sequence[dict[str, torch.Tensor]]) -> float | None
     return total / count if count else None
 
 
+@torch.no_grad()
+def example_losses(model, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list[float], list[int]]:
+    """Each row's summed response loss and its response tokens, in order: what a paired
+    comparison of two models on the same held-out examples needs."""
+    losses: list[float] = []
+    tokens: list[int] = []
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        logits, targets, keep = supervised_logits(model, batch)
+        rows = supervised_rows(keep)
+        token_loss = F.cross_entropy(logits, targets, reduction="none")
+        n = keep.shape[0]
+        losses += torch.zeros(n, device=logits.device).index_add(0, rows, token_loss).tolist()
+        tokens += keep.sum(dim=1).tolist()
+    model.train(was_training)
+    return losses, tokens
+
+
 def eval_batches_for(
     tokenizer, device: torch.device, examples: Sequence[Example], batch_size: int = 8, max_length: int = 128
 ) -> list[dict[str, torch.Tensor]]:
     """Held-out examples in order, collated ``batch_size`` at a time, on ``device``."""
-    tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    return collate_in_order(tokenizer, device, [tokenize_example(tokenizer, ex, max_length) for ex in examples], batch_size)
+
+
+def collate_in_order(
+    tokenizer, device: torch.device, tokenized: Sequence[TokenizedExample], batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized examples in order, collated ``batch_size`` at a time, on ``device``."""
     return [
         to_device(collate(tokenized[i : i + batch_size], tokenizer.pad_token_id), device)
         for i in range(0, len(tokenized), batch_size)

@@ -1,0 +1,72 @@
+"""Budgets chosen by validation: a slice of the training examples picks the step an adapter is
+kept at, on the sequential loop and in fused groups alike."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lora_assets.adapters import job_for
+from lora_assets.lora_spec import StepBudget
+from lora_assets.modes import MODES, build_examples
+from lora_assets.training import train_adapters
+from lora_assets.training.core import evaluate_adapter
+
+MAIL = MODES["mail_reply"]
+# Short scores so a tiny model at a high rate overfits inside the test's budget.
+BUDGET = StepBudget(min_steps=6, max_steps=60, eval_every=3, patience=2)
+
+
+def _job(tables, user, out, **kw):
+    job = job_for(MAIL, user, build_examples(MAIL, tables[user]), out)
+    return replace(job, budget=BUDGET, learning_rate=3e-2, **kw)
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_base, synthetic_tables, tmp_path_factory):
+    out = tmp_path_factory.mktemp("early")
+    job = _job(synthetic_tables, "user-000", out / "seq")
+    return job, train_adapters([job], tiny_base, progress=None, fusion="sequential")[0]
+
+
+def test_a_full_training_sets_aside_a_validation_slice_of_its_training_examples(synthetic_tables, tmp_path):
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
+    job = job_for(MAIL, "user-000", dataset, tmp_path)
+    train_ids, validation_ids = {e.id for e in job.train}, {e.id for e in job.validation}
+    eval_ids = set(dataset.loc[dataset.split == "eval", "example_id"])
+    assert job.early_stopping and validation_ids
+    assert not validation_ids & train_ids and not validation_ids & eval_ids
+    assert train_ids | validation_ids == set(dataset.loc[dataset.split == "train", "example_id"])
+    assert len(validation_ids) == min(32, round(0.15 * (len(train_ids) + len(validation_ids))))
+    assert job.metadata["validation_examples"] == len(validation_ids)
+    fixed = job_for(MAIL, "user-000", dataset, tmp_path, steps=30)
+    assert not fixed.validation and not fixed.early_stopping, "a fixed step count trains on every example"
+
+
+def test_early_stopping_keeps_the_best_scored_step_of_the_validation_curve(tiny_base, stopped):
+    job, result = stopped
+    steps, losses = zip(*result.validation_curve)
+    assert steps[0] == BUDGET.min_steps and all(b - a == BUDGET.eval_every for a, b in zip(steps, steps[1:]))
+    assert result.best_step == steps[losses.index(min(losses))]
+    assert result.steps < BUDGET.max_steps, "validation stopped improving: training stopped"
+    assert result.steps == steps[-1], "it stopped at a score"
+    earlier = min(losses[: -BUDGET.patience])
+    assert all(loss >= earlier - BUDGET.min_improvement for loss in losses[-BUDGET.patience:]), \
+        "the last `patience` scores made no progress"
+    assert len(result.loss_curve) == result.steps
+    kept = evaluate_adapter(tiny_base, job.output_dir, job.validation)
+    assert kept == pytest.approx(min(losses), abs=1e-4), "the saved adapter is the best step's, not the last"
+
+
+def test_a_fused_group_stops_each_job_at_its_own_best_step(tiny_base, synthetic_tables, stopped, tmp_path):
+    job, alone = stopped
+    jobs = [_job(synthetic_tables, "user-000", tmp_path / "a"), _job(synthetic_tables, "user-001", tmp_path / "b")]
+    fused = train_adapters(jobs, tiny_base, progress=None, fusion="batched")
+    assert fused[0].fused_with == 2
+    assert fused[0].best_step == alone.best_step and fused[0].steps == alone.steps
+    assert [s for s, _ in fused[0].validation_curve] == [s for s, _ in alone.validation_curve]
+    assert fused[0].adapter_eval_loss == pytest.approx(alone.adapter_eval_loss, abs=1e-2)  # reduction order
+    for job, result in zip(jobs, fused):
+        kept = evaluate_adapter(tiny_base, job.output_dir, job.validation)
+        assert kept == pytest.approx(min(loss for _, loss in result.validation_curve), abs=1e-3)
