@@ -7,8 +7,8 @@ Three measurements, all on synthetic users' mail_reply data, through the same ``
 and ``job_for`` the pipeline uses:
 
 1. Run-to-run noise: one user's adapter trained on the same data with ``--seeds`` seeds (and
-   the data order that goes with each); the spread of held-out loss is what the eval gate's
-   tolerance must absorb, so that a retrain on fresh, equally good data is published.
+   the data order that goes with each); the spread of held-out loss is the noise the eval gate
+   must not mistake for a regression (its paired test: ``benchmarks/personalization.py``).
 2. Incremental vs full after a 5 % change: per user, an adapter trained on 95 % of their mail
    (as published), then the last 5 % arrives; the update (warm start, new examples plus a replay
    sample, the update budget) against a full retrain from scratch, on the same held-out set:

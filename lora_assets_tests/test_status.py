@@ -124,3 +124,25 @@ def test_status_of_every_user_and_bad_arguments(deployment, capsys):
     assert [a["user"] for a in second["adapters"]] == ["bob"] and second["next_after"] == {}
     assert status_json(capsys, "--mode", "search_suggest", "--state", "fresh")["adapters"] == []
     assert Path(res.home).is_dir()
+
+
+def test_a_state_table_from_before_the_retrieval_baseline_gets_its_columns(tmp_path):
+    import sqlalchemy as db
+
+    from lora_assets.state import StateStore
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    StateStore(url)
+    old = db.create_engine(url)
+    with old.begin() as conn:  # the table as an earlier version created it
+        for column in ("retrieval_eval_loss", "adapter_retrieval_eval_loss", "retrieval_helps"):
+            conn.execute(db.text(f"ALTER TABLE lora_adapters DROP COLUMN {column}"))
+    state = StateStore(url)
+    state.register(["alice"])
+    state.record_dataset("alice", "mail_reply", "d1", 10, 8, None)
+    state.record_adapter("tiny-llama", "alice", "mail_reply", trained_on="d1", adapter_version="a1", steps=3,
+                         training={}, gate={"passed": True, "reason": "ok", "base_eval_loss": 2.0,
+                                            "adapter_eval_loss": 1.0, "retrieval_eval_loss": 1.5,
+                                            "retrieval_helps": False}, run_id=None)
+    row = state.rows("mail_reply", "tiny-llama", ["alice"])["alice"]
+    assert row["retrieval_eval_loss"] == 1.5 and row["retrieval_helps"] is False
