@@ -36,6 +36,7 @@ from lora_assets.drive.publish import (
 )
 from lora_assets.storage import ObjectStore
 from lora_assets.training.base_models import LoadedBaseModel
+from lora_assets.training.core import METADATA_FILE
 from lora_assets.training.jobs import TrainJob, TrainResult
 from lora_assets.training.objectives import Scores, training_for
 
@@ -206,7 +207,21 @@ def evaluate_gate(
         eval_examples=len(job.eval),
     )
     (Path(job.output_dir) / GATE_FILE).write_text(json.dumps(asdict(gate), indent=2))
+    _record_baseline(Path(job.output_dir), gate)
     return gate
+
+
+def _record_baseline(folder: Path, gate: GateResult) -> None:
+    """The held-out figures into the adapter's own ``lora_assets.json``, which is published with
+    it: a device or a server reading a version learns whether retrieval helps this user."""
+    path = folder / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta["held_out"] = {k: getattr(gate, k) for k in (
+        "eval_examples", "base_eval_loss", "adapter_eval_loss", "retrieval_k", "retrieval_eval_loss",
+        "adapter_retrieval_eval_loss", "retrieval_helps")}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.replace(path)
 
 
 def read_gate(adapter_dir: Path) -> GateResult | None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, instance_for_test, materialize
 
+from lora_assets.drive.publish import adapter_prefix, current_manifest, fetch_verified
 from lora_assets.data.user_store import UserStore, write_user
 from lora_assets.definitions import defs
 from lora_assets.orchestration.assets import (
@@ -122,6 +123,12 @@ def test_sources_to_dataset_to_adapter_through_dagster_loads_with_peft(dagster_e
         # The retrieval baseline beside the base: the base shown the user's 2 most similar replies.
         assert row["retrieval_eval_loss"] > 0 and row["adapter_retrieval_eval_loss"] > 0
         assert row["retrieval_eval_loss"] != row["base_eval_loss"] and isinstance(row["retrieval_helps"], bool)
+        drive = LoraAssetsHome(home=str(data)).settings().drive()
+        manifest = current_manifest(drive, user, "tiny-llama", "mail_reply")
+        files = fetch_verified(drive, adapter_prefix(user, "tiny-llama", "mail_reply"), manifest, ("lora_assets.json",))
+        held_out = json.loads(files["lora_assets.json"])["held_out"]  # published with the adapter
+        assert held_out["retrieval_eval_loss"] == pytest.approx(row["retrieval_eval_loss"], abs=1e-4)  # rounded there
+        assert held_out["retrieval_helps"] == row["retrieval_helps"] and held_out["retrieval_k"] == 2
         assert state.training("tiny-llama", user, "mail_reply")["size_bytes"] > 0
 
     mats = {m.asset_key: m for m in result.asset_materializations_for_node("mail_reply__adapter")}
