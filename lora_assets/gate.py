@@ -4,9 +4,10 @@ worse than what the user's devices already run. No dagster here; the asset check
 The loss is the held-out response loss for SFT modes and the held-out DPO loss for DPO modes
 (the base scores ln 2 there). Every model is scored on the same *new* held-out set, example by
 example, so comparisons are paired: the published adapter is re-scored on it, and the verdict
-against it is a one-sided paired bootstrap over the examples at ``confidence`` - a candidate is
-refused only when it is worse with that confidence, so a retrain of the same data with a new seed
-passes however small the held-out set, and a real regression is refused however large the losses
+against it is a one-sided paired bootstrap over the examples at ``confidence``: a candidate is
+refused only when it is worse with that confidence by more than ``noise`` (a fraction of the
+published loss: what a retrain of the same data with another seed moves). A small held-out set
+gives a wide interval and so no false refusal; a large one measures a real regression precisely
 (``benchmarks/personalization.py`` measures both). Against the base the candidate must win by
 ``margin`` nats on the mean.
 
@@ -51,6 +52,7 @@ class GateConfig:
 
     margin: float = 0.01  # nats the candidate must beat the base by (mean held-out loss)
     confidence: float = 0.95  # refuse against the published version only when worse at this one-sided level; 1.0: never
+    noise: float = 0.02  # ... and worse by more than this fraction of its loss: a reseeded retrain differs that much
     retrieval_k: int = 2  # examples the retrieval baseline shows; 0: not scored
     require_retrieval: bool = False  # refuse an adapter that does not beat the retrieval baseline
 
@@ -63,9 +65,9 @@ class Paired:
     lower: float
     upper: float
 
-    @property
-    def worse(self) -> bool:
-        return self.lower > 0
+    def worse(self, by: float = 0.0) -> bool:
+        """Worse by more than ``by`` with the confidence the bounds were drawn at."""
+        return self.lower > by
 
     @property
     def better(self) -> bool:
@@ -82,6 +84,7 @@ class GateResult:
     published_eval_loss: float | None
     margin: float
     confidence: float = 0.95
+    noise: float = 0.0
     vs_published: Paired | None = None
     retrieval_eval_loss: float | None = None  # the base with the user's retrieved examples in the prompt
     adapter_retrieval_eval_loss: float | None = None  # the candidate with them
@@ -119,16 +122,16 @@ def decide(
         return False, "no held-out examples to evaluate on"
     if adapter_loss > base_loss - config.margin:
         return False, f"adapter {adapter_loss:.4f} does not beat base {base_loss:.4f} by {config.margin}"
-    if vs_published is not None and vs_published.worse:
-        return False, (f"adapter {adapter_loss:.4f} is worse than published {published_loss:.4f} with "
-                       f"{config.confidence:.0%} confidence (paired difference {vs_published.difference:+.4f}, "
-                       f"lower bound {vs_published.lower:+.4f})")
+    if vs_published is not None and vs_published.worse(config.noise * published_loss):
+        return False, (f"adapter {adapter_loss:.4f} is worse than published {published_loss:.4f} by more than "
+                       f"{config.noise:.0%} with {config.confidence:.0%} confidence (paired difference "
+                       f"{vs_published.difference:+.4f}, lower bound {vs_published.lower:+.4f})")
     if config.require_retrieval and retrieval_loss is not None and adapter_loss >= retrieval_loss:
         return False, f"adapter {adapter_loss:.4f} does not beat the retrieval baseline {retrieval_loss:.4f}"
     reason = f"adapter {adapter_loss:.4f} < base {base_loss:.4f} - {config.margin}"
     if vs_published is not None:
-        reason += (f", not worse than published {published_loss:.4f} with {config.confidence:.0%} confidence "
-                   f"(paired difference {vs_published.difference:+.4f})")
+        reason += (f", not worse than published {published_loss:.4f} by more than {config.noise:.0%} with "
+                   f"{config.confidence:.0%} confidence (paired difference {vs_published.difference:+.4f})")
     if config.require_retrieval and retrieval_loss is not None:
         reason += f", beats the retrieval baseline {retrieval_loss:.4f}"
     return True, reason
@@ -199,6 +202,7 @@ def evaluate_gate(
         published_eval_loss=mean("published"),
         margin=config.margin,
         confidence=config.confidence,
+        noise=config.noise,
         vs_published=vs_published,
         retrieval_eval_loss=mean("retrieval"),
         adapter_retrieval_eval_loss=mean("adapter_retrieval"),

@@ -288,10 +288,11 @@ def test_gate_decision():
     assert decide(3.0, 2.0, None, strict)[0]
     assert not decide(3.0, 2.95, None, strict)[0], "not better than the base by the margin"
     worse = paired(Scores([2.2, 2.1, 2.3, 2.2], [1] * 4), Scores([1.9, 1.9, 2.0, 1.9], [1] * 4), 0.95)
-    assert worse.worse and not decide(3.0, 2.2, worse, strict, published_loss=1.9)[0]
+    assert worse.worse() and not decide(3.0, 2.2, worse, strict, published_loss=1.9)[0]
+    assert decide(3.0, 2.2, worse, replace(strict, noise=0.2), published_loss=1.9)[0], "within the noise allowed"
     noise = paired(Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), Scores([1.9, 2.0, 1.8, 2.0], [1] * 4), 0.95)
-    assert not noise.worse and decide(3.0, 1.95, noise, strict, published_loss=1.925)[0], "a tie is published"
-    assert not paired(Scores([2.2] * 4, [1] * 4), Scores([1.9] * 4, [1] * 4), 1.0).worse, "confidence 1: never refused"
+    assert not noise.worse() and decide(3.0, 1.95, noise, strict, published_loss=1.925)[0], "a tie is published"
+    assert not paired(Scores([2.2] * 4, [1] * 4), Scores([1.9] * 4, [1] * 4), 1.0).worse(), "confidence 1: never refused"
     assert not decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=1.9)[0]
     assert decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=2.1)[0]
     assert decide(None, None, None, strict) == (False, "no held-out examples to evaluate on")

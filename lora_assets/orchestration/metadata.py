@@ -20,6 +20,7 @@ def gate_metadata(gate) -> dict[str, Any]:
         "retrieval_helps": gate.retrieval_helps,
         "margin": gate.margin,
         "confidence": gate.confidence,
+        "noise": gate.noise,
         **({"vs_published": _r(gate.vs_published.difference),
             "vs_published_lower": _r(gate.vs_published.lower)} if gate.vs_published else {}),
     }

@@ -29,6 +29,7 @@ class LoraAssetsHome(ConfigurableResource):
     keep_versions: int | None = None
     gate_margin: float | None = None
     gate_confidence: float | None = None
+    gate_noise: float | None = None
     gate_retrieval_k: int | None = None
     gate_require_retrieval: bool | None = None
     train_steps: int | None = None
