@@ -13,8 +13,9 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 1. held-out loss of the base, the base with the author's K most similar training replies in the
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
 2. step budgets: the new default (a validation slice chooses the step, early stopping within
-   [min_steps, max_steps]) against the old default (2 epochs within [10, 120]) and the old fixed
-   30 steps, and any ``--variants`` (learning rate, rank, target modules) for tuning;
+   [min_steps, max_steps], learning rate 3e-4) against the old default (2 epochs within [10, 120]
+   at 1e-3) and the old fixed 30 steps at 1e-3, and any ``--variants`` (learning rate, rank, target
+   modules, the first step kept) for tuning;
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
 4. the paired gate: how often it refuses a retrain of the same data with another seed (should be
@@ -51,6 +52,7 @@ from lora_assets.training.text import eval_batches_for, eval_loss  # noqa: E402
 CORPUS = ROOT / "benchmarks" / "corpus" / "history-meta"
 MODE = MODES["mail_reply"]
 OLD_BUDGET = StepBudget(epochs=2.0, min_steps=10, max_steps=120)  # the default before validation chose the step
+OLD_RATE = 1e-3  # ... and its learning rate
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SFT = SftTraining()
@@ -63,8 +65,8 @@ def _all_train(job):
 
 VARIANTS = {
     "new": lambda job: job,  # the product's defaults
-    "old": lambda job: replace(_all_train(job), budget=OLD_BUDGET),
-    "fixed30": lambda job: replace(_all_train(job), max_steps=30),
+    "old": lambda job: replace(_all_train(job), budget=OLD_BUDGET, learning_rate=OLD_RATE),
+    "fixed30": lambda job: replace(_all_train(job), max_steps=30, learning_rate=OLD_RATE),
     "seed1": lambda job: replace(job, seed=1),
     "lr5e-4": lambda job: replace(job, learning_rate=5e-4),
     "lr2e-3": lambda job: replace(job, learning_rate=2e-3),

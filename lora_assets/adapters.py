@@ -162,6 +162,7 @@ def job_for(
         lora=mode.lora,
         max_steps=steps,
         budget=mode.update.budget if plan.path == INCREMENTAL else mode.budget,
+        learning_rate=mode.update.learning_rate if plan.path == INCREMENTAL else mode.learning_rate,
         seed=0,
         warm_start_from=warm_start_from,
         gguf_type=gguf_type,

@@ -82,6 +82,7 @@ class UpdatePolicy:
     replay: float = 3.0  # unchanged examples replayed per new or changed one
     min_replay: int = 16
     budget: StepBudget = field(default_factory=lambda: StepBudget(epochs=2.0, min_steps=4, max_steps=40))
+    learning_rate: float = 1e-3  # a few steps on a few new examples: the rate the update budget was measured at
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class Mode:
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
     budget: StepBudget = field(default_factory=StepBudget)  # a full (re)training
+    # A full (re)training's rate: 3e-4 with validation choosing the step, from
+    # benchmarks/personalization.py on real writing (1e-3 and 2e-3 overfit before the first score).
+    learning_rate: float = 3e-4
     update: UpdatePolicy = field(default_factory=lambda: UpdatePolicy())  # when and how to update incrementally
 
     @property
@@ -255,6 +259,7 @@ MODES: dict[str, Mode] = {
             check=_tone_rewrite_check,
             objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
+            learning_rate=1e-3,  # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences)
         ),
     ]
 }
