@@ -38,7 +38,7 @@ def device(tmp_path_factory, home):
     data.mkdir()
     (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
     env = {**os.environ, "LORA_ASSETS_HOME": str(data), "DAGSTER_HOME": str(tmp / "dagster")}
-    lora_assets("demo", "--base-model", BASE, "--users", "1", "--modes", MODE, "--steps", "8", env=env)
+    lora_assets("demo", "--base-model", BASE, "--users", "1", "--modes", MODE, "--steps", "24", env=env)  # at the mode's 3e-4
     lora_assets("sync", "--user", USER, "--device-dir", str(tmp / "device"), "--base-model", BASE, env=env)
     return {"dir": tmp / "device", "env": env, "data": data}
 

@@ -192,6 +192,9 @@ def test_the_ui_shows_a_batch_runs_summary_and_its_linked_gate_verdict_naming_no
     meta = _metadata(adapter["metadataEntries"])
     assert (meta["users"], meta["trained"], meta["steps"]) == (2, 2, 6)
     assert isinstance(meta["mean_eval_loss_improvement"], float) and meta["mean_eval_loss_improvement"] > 0
+    # The retrieval baseline beside the base's loss, as the UI shows the run.
+    assert meta["mean_retrieval_eval_loss"] > 0 and meta["mean_base_eval_loss"] > meta["mean_adapter_eval_loss"]
+    assert meta["retrieval_scored"] == 2 and 0 <= meta["beat_retrieval"] <= 2
     assert meta["train_tokens"] > 0 and meta["size_bytes"] > 0 and meta["versions_digest"]
     text = repr(adapters) + repr(materializations(context, PUBLISHED, BASE))
     assert "alice" not in text and "bob" not in text, "no user id in what the UI shows"
