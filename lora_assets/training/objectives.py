@@ -106,9 +106,6 @@ class SftTraining:
             validate=lambda model: eval_loss(model, validation),
         )
 
-    def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
-        return self.scores(base, adapter_dir, job).mean
-
     def scores(self, base: LoadedBaseModel, adapter_dir: Path | None, job: TrainJob, retrieved: int = 0) -> Scores:
         """Per-example held-out loss of the base (``adapter_dir`` None) or a saved adapter; with
         ``retrieved`` > 0, each prompt also shows that many of the user's most similar training
@@ -169,14 +166,6 @@ class DpoTraining:
 
         return Prepared(batches=batches, loss=loss, evaluate=evaluate, metrics_before_training=True, validate=validate)
 
-    def evaluate_saved(self, base: LoadedBaseModel, adapter_dir: Path, job: TrainJob) -> float | None:
-        held_out = pair_batches(base, job.eval, job.batch_size, job.max_length)
-        with torch.no_grad():
-            refs = [sequence_logps(base.model, b) for b in held_out]
-        with attached(base, adapter_dir) as model:
-            metrics = preference_metrics(model, held_out, refs, self.beta)
-        return metrics.loss if metrics else None
-
     def scores(self, base: LoadedBaseModel, adapter_dir: Path | None, job: TrainJob, retrieved: int = 0) -> Scores:
         """Per-pair held-out DPO loss (the base scores ln 2 on each). No retrieval baseline:
         a preference is not a text to show."""
@@ -192,8 +181,8 @@ class DpoTraining:
                 for batch, ref in zip(held_out, refs):
                     logps = sequence_logps(model, batch)
                     n = logps.shape[0] // 2
-                    margins = self.beta * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))
-                    losses += torch.nn.functional.softplus(-margins).tolist()  # -log sigmoid(margin)
+                    _mean, margins = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
+                    losses += torch.nn.functional.softplus(-margins).tolist()  # each pair's -log sigmoid(margin)
             return Scores(losses, [1] * len(losses))
 
         return _scored(base, adapter_dir, score)
