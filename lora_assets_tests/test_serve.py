@@ -78,9 +78,9 @@ def served(tmp_path_factory, home, tiny_base):
     data.mkdir()
     (data / "base_models").symlink_to(home / "base_models", target_is_directory=True)
     env = {**os.environ, "LORA_ASSETS_HOME": str(data), "DAGSTER_HOME": str(tmp / "dagster"),
-           # 3-step adapters barely move the loss: publish whatever trains.
+           # 10-step adapters at 3e-4 barely move the loss: publish whatever trains.
            "LORA_ASSETS_GATE_MARGIN": "-100", "LORA_ASSETS_GATE_CONFIDENCE": "1.0"}
-    lora_assets("demo", "--base-model", "tiny-llama", "--users", str(len(USERS)), "--modes", MODE, "--steps", "3",
+    lora_assets("demo", "--base-model", "tiny-llama", "--users", str(len(USERS)), "--modes", MODE, "--steps", "10",
                 env=env)
     tokens = {u: lora_assets("serve-token", "--user", u, env=env).stdout.strip() for u in USERS}
     tokens["admin"] = lora_assets("serve-token", "--admin", env=env).stdout.strip()
@@ -279,7 +279,7 @@ def test_a_new_publish_is_served_and_a_forgotten_user_is_not(served, tmp_path):
     mail.write_text(json.dumps({"id": "new-1", "sender": "Ana", "subject": "Friday", "body": "Lunch on Friday?",
                                 "reply": "Friday works, see you at noon."}) + "\n")
     lora_assets("ingest", "--user", "user-000", "--source", "mail", str(mail), env=served.env)
-    lora_assets("demo", "--base-model", "tiny-llama", "--users", "1", "--modes", MODE, "--steps", "3", env=served.env)
+    lora_assets("demo", "--base-model", "tiny-llama", "--users", "1", "--modes", MODE, "--steps", "10", env=served.env)
     new = served.current("user-000")
     assert new and new != old, "the retrain on the new mail was published"
     deadline = time.monotonic() + 30  # a liveness bound; the server's bound is --refresh-s 0.5
