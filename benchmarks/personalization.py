@@ -15,7 +15,8 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 2. step budgets: the new default (a validation slice chooses the step, early stopping within
    [min_steps, max_steps], learning rate 3e-4) against the old default (2 epochs within [10, 120]
    at 1e-3) and the old fixed 30 steps at 1e-3, and any ``--variants`` (learning rate, rank, target
-   modules, the first step kept) for tuning;
+   modules, the first step kept; ``refit``: the step validation chose, retrained on every example)
+   for tuning;
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
 4. the paired gate: how often it refuses a retrain of the same data with another seed (should be
@@ -77,7 +78,14 @@ VARIANTS = {
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),
     "mlp": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION + MLP)),
     "attention": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION)),
+    # Validation chooses the step, then every example (the slice too) is trained for that many steps.
+    "refit": None,
 }
+
+
+def refit(job, chosen) -> object:
+    """``job`` again on all its examples for the step ``chosen`` (the "new" result) kept."""
+    return replace(_all_train(job), max_steps=chosen.best_step or chosen.steps)
 
 
 def corpus_datasets() -> dict[str, object]:
@@ -98,8 +106,10 @@ def spread(datasets: dict, n: int) -> list[str]:
     return [by_size[round(i * (len(by_size) - 1) / (n - 1))] for i in range(n)] if n > 1 else by_size[:1]
 
 
-def train_variant(base, name: str, datasets: dict, out: Path) -> dict[str, tuple]:
-    jobs = [VARIANTS[name](job_for(MODE, a, df, out / name / a, gguf_type="")) for a, df in datasets.items()]
+def train_variant(base, name: str, datasets: dict, out: Path, chosen: dict | None = None) -> dict[str, tuple]:
+    """``chosen``: the "new" variant's results, which "refit" takes its step counts from."""
+    jobs = [refit(job_for(MODE, a, df, out / name / a, gguf_type=""), chosen[a][1]) if name == "refit"
+            else VARIANTS[name](job_for(MODE, a, df, out / name / a, gguf_type="")) for a, df in datasets.items()]
     t0 = time.perf_counter()
     results = train_adapters(jobs, base, progress=None, fusion="sequential")
     print(f"  trained {name}: {len(jobs)} adapters in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -120,10 +130,8 @@ def rel(loss: float, base: float) -> str:
 def retrieval_table(base, trained: dict, k: int) -> dict[str, list[float]]:
     rows, cols = [], {"base": [], "retrieval": [], "adapter": [], "adapter+retrieval": []}
     for author, (job, result) in trained.items():
-        b = SFT.scores(base, None, job).mean
-        r = SFT.scores(base, None, job, retrieved=k).mean
-        a = SFT.scores(base, job.output_dir, job).mean
-        ar = SFT.scores(base, job.output_dir, job, retrieved=k).mean
+        b, r = (s.mean for s in SFT.score_views(base, None, job, (0, k)))
+        a, ar = (s.mean for s in SFT.score_views(base, job.output_dir, job, (0, k)))
         for key, v in zip(cols, (b, r, a, ar)):
             cols[key].append(v)
         rows.append([author, len(job.train), len(job.eval), b, r, a, ar, rel(r, b), rel(a, b), rel(ar, b),
@@ -216,6 +224,9 @@ def main() -> None:
     parser.add_argument("--matrix-examples", type=int, default=8, help="held-out replies per author in the matrix")
     parser.add_argument("--synthetic", type=int, default=3, help="synthetic users for the gate check (0, or 2 or more)")
     args = parser.parse_args()
+    v = args.variants
+    if "refit" in v and ("new" not in v or v.index("refit") < v.index("new")):
+        parser.error("refit takes its steps from new: list new before it")
     if args.synthetic == 1:
         parser.error("--synthetic needs 2 or more users: each is checked against another's adapter")
 
@@ -236,7 +247,7 @@ def main() -> None:
             print(f"\nattribution matrix (first {args.matrix_examples} held-out replies of each author)")
             attribution(base, trained, args.matrix_examples)
         for name in args.variants[1:]:
-            variants[name] = train_variant(base, name, datasets, out)
+            variants[name] = train_variant(base, name, datasets, out, chosen=variants.get("new"))
         print("\nstep budgets and settings: held-out loss (steps trained / step kept)")
         budgets_table(variants)
         if args.sweep:

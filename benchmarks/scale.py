@@ -123,7 +123,7 @@ def template(instance, res, n: int) -> tuple[list[str], list[str]]:
 
 def copy_state(state, template_users: list[str], n: int) -> None:
     """The template users' state rows, for n user ids (bulk inserts of the same rows)."""
-    from lora_assets.state import USER_TABLES
+    from lora_assets.state_schema import USER_TABLES
 
     with state.engine.connect() as conn:
         rows = {t.name: [dict(r._mapping) for r in conn.execute(db.select(t).where(t.c.user.in_(template_users)))]
@@ -234,7 +234,7 @@ def run(args, postgres_url: str | None) -> int:
                          users_per_run=args.template_users)
     settings = res.settings()
     if postgres_url:
-        from lora_assets.state import metadata
+        from lora_assets.state_schema import metadata
 
         metadata.drop_all(settings.state().engine)
         metadata.create_all(settings.state().engine)

@@ -174,16 +174,19 @@ def evaluate_gate(
     scores = {}
     if job.eval:
         # What is published is scored: the saved files (fp16 by default), not the fp32 in memory.
-        scores["base"] = training.scores(base, None, job)
-        scores["adapter"] = training.scores(base, Path(job.output_dir), job)
+        if config.retrieval_k and training.retrieval:
+            # Plain and with the retrieved examples, the candidate attached once for both.
+            views = (0, config.retrieval_k)
+            scores["base"], scores["retrieval"] = training.score_views(base, None, job, views)
+            scores["adapter"], scores["adapter_retrieval"] = training.score_views(base, Path(job.output_dir), job, views)
+        else:
+            scores["base"] = training.scores(base, None, job)
+            scores["adapter"] = training.scores(base, Path(job.output_dir), job)
         if published is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data in files.items():
                     (Path(tmp) / name).write_bytes(data)
                 scores["published"] = training.scores(base, Path(tmp), job)
-        if config.retrieval_k and training.retrieval:
-            scores["retrieval"] = training.scores(base, None, job, retrieved=config.retrieval_k)
-            scores["adapter_retrieval"] = training.scores(base, Path(job.output_dir), job, retrieved=config.retrieval_k)
     mean = lambda key: scores[key].mean if key in scores else None  # noqa: E731
     vs_published = paired(scores["adapter"], scores["published"], config.confidence) if "published" in scores else None
     helps = ("adapter_retrieval" in scores

@@ -117,7 +117,7 @@ def test_prune_drops_old_history_and_old_finished_runs_and_keeps_what_is_current
     from dagster import DagsterRunStatus
     from dagster._core.test_utils import create_run_for_test
 
-    from lora_assets.state import history
+    from lora_assets.state_schema import history
 
     monkeypatch.setenv("LORA_ASSETS_HOME", str(tmp_path))
     res = LoraAssetsHome(home=str(tmp_path))

@@ -163,7 +163,8 @@ def _s3_env(aws) -> dict[str, str]:
 def s3_daemon(aws, postgres_url, home, tiny_base, tmp_path):
     """The real daemon on the scale-out engines: Postgres instance, S3 stores, SQS feed."""
     drain(aws)
-    from lora_assets.state import StateStore, metadata
+    from lora_assets.state import StateStore
+    from lora_assets.state_schema import metadata
 
     metadata.drop_all(StateStore(postgres_url).engine)  # the per-user state table on the same Postgres, fresh
     env = {**_s3_env(aws), "LORA_ASSETS_STATE_URL": postgres_url}

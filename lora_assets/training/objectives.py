@@ -70,7 +70,7 @@ class Scores:
         return sum(self.losses) / total if total else None
 
 
-def _scored(base: LoadedBaseModel, adapter_dir: Path | None, score: Callable[[Any], Scores]) -> Scores:
+def _scored(base: LoadedBaseModel, adapter_dir: Path | None, score: Callable[[Any], Any]) -> Any:
     if adapter_dir is None:
         return score(base.model)
     with attached(base, adapter_dir) as model:
@@ -110,15 +110,22 @@ class SftTraining:
         """Per-example held-out loss of the base (``adapter_dir`` None) or a saved adapter; with
         ``retrieved`` > 0, each prompt also shows that many of the user's most similar training
         examples (the retrieval baseline), scored on the same response tokens."""
+        return self.score_views(base, adapter_dir, job, (retrieved,))[0]
+
+    def score_views(self, base: LoadedBaseModel, adapter_dir: Path | None, job: TrainJob,
+                    retrieved: tuple[int, ...]) -> list[Scores]:
+        """``scores`` for each count of retrieved examples, the adapter attached once for all."""
         tok = base.tokenizer
-        if retrieved:
-            retriever = Retriever(job.retrievable or [*job.train, *job.validation])
-            tokenized = [tokenize_retrieved(tok, ex, retriever.similar(ex.prompt, retrieved), job.max_length)
-                         for ex in job.eval]
-        else:
-            tokenized = [tokenize_example(tok, ex, job.max_length) for ex in job.eval]
-        batches = collate_in_order(tok, base.device, tokenized, job.batch_size)
-        return _scored(base, adapter_dir, lambda model: Scores(*example_losses(model, batches)))
+        views = []
+        for k in retrieved:
+            if k:
+                retriever = Retriever(job.retrievable or [*job.train, *job.validation])
+                tokenized = [tokenize_retrieved(tok, ex, retriever.similar(ex.prompt, k), job.max_length)
+                             for ex in job.eval]
+            else:
+                tokenized = [tokenize_example(tok, ex, job.max_length) for ex in job.eval]
+            views.append(collate_in_order(tok, base.device, tokenized, job.batch_size))
+        return _scored(base, adapter_dir, lambda model: [Scores(*example_losses(model, b)) for b in views])
 
 
 class DpoTraining:
