@@ -208,7 +208,7 @@ def gate_checks(base, trained: dict, reseeded: dict, label: str) -> None:
                      "ACCEPTED" if other_ok else "refused"])
     show(rows, ["user", "held-out", "published", "seed 1", "lower", "gate", "other's", "loss", "lower", "gate"])
     print(f"  (lower: the {config.confidence:.0%} one-sided lower bound of the paired difference, % of the published "
-          f"loss; refused above {config.noise:.0%})")
+          f"loss; refused above {config.noise:.0%} and {config.noise_floor} nats)")
     print(f"  {label}: paired gate at {config.confidence:.0%} refused {refused_seed}/{len(authors)} same-data "
           f"retrains with a new seed and accepted {accepted_other}/{len(authors)} adapters of another user", flush=True)
 
@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--retrieved", type=int, default=2, help="K: similar training replies shown")
     parser.add_argument("--matrix-examples", type=int, default=8, help="held-out replies per author in the matrix")
     parser.add_argument("--synthetic", type=int, default=3, help="synthetic users for the gate check (0, or 2 or more)")
+    parser.add_argument("--synthetic-only", action="store_true", help="only the gate check on --synthetic users")
     args = parser.parse_args()
     v = args.variants
     if "refit" in v and ("new" not in v or v.index("refit") < v.index("new")):
@@ -231,6 +232,10 @@ def main() -> None:
         parser.error("--synthetic needs 2 or more users: each is checked against another's adapter")
 
     base = load_base_model(args.base_model)
+    if args.synthetic_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic_gate(base, args.synthetic, Path(tmp))
+        return
     everyone = corpus_datasets()
     chosen = args.only or spread(everyone, args.authors)
     datasets = {a: everyone[a] for a in chosen}
@@ -255,10 +260,14 @@ def main() -> None:
         print("\npaired gate on the corpus")
         gate_checks(base, trained, train_variant(base, "seed1", datasets, out), "corpus")
         if args.synthetic:
-            synthetic = {f"user-{i:03d}": build_examples(MODE, generate_user(f"user-{i:03d}")) for i in range(args.synthetic)}
-            own = train_variant(base, args.variants[0], synthetic, out / "synthetic")
-            print("\npaired gate on synthetic users")
-            gate_checks(base, own, train_variant(base, "seed1", synthetic, out / "synthetic"), "synthetic")
+            synthetic_gate(base, args.synthetic, out / "synthetic")
+
+
+def synthetic_gate(base, users: int, out: Path) -> None:
+    synthetic = {f"user-{i:03d}": build_examples(MODE, generate_user(f"user-{i:03d}")) for i in range(users)}
+    own = train_variant(base, "new", synthetic, out)
+    print("\npaired gate on synthetic users")
+    gate_checks(base, own, train_variant(base, "seed1", synthetic, out), "synthetic")
 
 
 if __name__ == "__main__":

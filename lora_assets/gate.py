@@ -6,7 +6,9 @@ The loss is the held-out response loss for SFT modes and the held-out DPO loss f
 example, so comparisons are paired: the published adapter is re-scored on it, and the verdict
 against it is a one-sided paired bootstrap over the examples at ``confidence``: a candidate is
 refused only when it is worse with that confidence by more than ``noise`` (a fraction of the
-published loss: what a retrain of the same data with another seed moves). A small held-out set
+published loss: what a retrain of the same data with another seed moves) and by more than
+``noise_floor`` nats (where a user is learned to a few thousandths of a nat, a reseeded retrain
+moves by a large fraction of a tiny loss). A small held-out set
 gives a wide interval and so no false refusal; a large one measures a real regression precisely
 (``benchmarks/personalization.py`` measures both). Against the base the candidate must win by
 ``margin`` nats on the mean.
@@ -53,6 +55,7 @@ class GateConfig:
     margin: float = 0.01  # nats the candidate must beat the base by (mean held-out loss)
     confidence: float = 0.95  # refuse against the published version only when worse at this one-sided level; 1.0: never
     noise: float = 0.02  # ... and worse by more than this fraction of its loss: a reseeded retrain differs that much
+    noise_floor: float = 0.01  # ... and by more than this many nats: near-zero losses differ by tiny absolute amounts
     retrieval_k: int = 2  # examples the retrieval baseline shows; 0: not scored
     require_retrieval: bool = False  # refuse an adapter that does not beat the retrieval baseline
 
@@ -85,6 +88,7 @@ class GateResult:
     margin: float
     confidence: float = 0.95
     noise: float = 0.0
+    noise_floor: float = 0.0
     vs_published: Paired | None = None
     retrieval_eval_loss: float | None = None  # the base with the user's retrieved examples in the prompt
     adapter_retrieval_eval_loss: float | None = None  # the candidate with them
@@ -110,6 +114,11 @@ def paired(candidate: Scores, other: Scores, confidence: float, seed: int = 0) -
     return Paired(diff, float(lower), float(upper))
 
 
+def allowed(config: GateConfig, published_loss: float) -> float:
+    """How much worse than the published version a candidate may be, with confidence, and pass."""
+    return max(config.noise * published_loss, config.noise_floor)
+
+
 def decide(
     base_loss: float | None,
     adapter_loss: float | None,
@@ -122,9 +131,10 @@ def decide(
         return False, "no held-out examples to evaluate on"
     if adapter_loss > base_loss - config.margin:
         return False, f"adapter {adapter_loss:.4f} does not beat base {base_loss:.4f} by {config.margin}"
-    if vs_published is not None and vs_published.worse(config.noise * published_loss):
+    if vs_published is not None and vs_published.worse(allowed(config, published_loss)):
         return False, (f"adapter {adapter_loss:.4f} is worse than published {published_loss:.4f} by more than "
-                       f"{config.noise:.0%} with {config.confidence:.0%} confidence (paired difference "
+                       f"{config.noise:.0%} (and {config.noise_floor} nats) with {config.confidence:.0%} confidence "
+                       f"(paired difference "
                        f"{vs_published.difference:+.4f}, lower bound {vs_published.lower:+.4f})")
     if config.require_retrieval and retrieval_loss is not None and adapter_loss >= retrieval_loss:
         return False, f"adapter {adapter_loss:.4f} does not beat the retrieval baseline {retrieval_loss:.4f}"
@@ -206,6 +216,7 @@ def evaluate_gate(
         margin=config.margin,
         confidence=config.confidence,
         noise=config.noise,
+        noise_floor=config.noise_floor,
         vs_published=vs_published,
         retrieval_eval_loss=mean("retrieval"),
         adapter_retrieval_eval_loss=mean("adapter_retrieval"),

@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "gate_margin": "LORA_ASSETS_GATE_MARGIN",
     "gate_confidence": "LORA_ASSETS_GATE_CONFIDENCE",
     "gate_noise": "LORA_ASSETS_GATE_NOISE",
+    "gate_noise_floor": "LORA_ASSETS_GATE_NOISE_FLOOR",
     "gate_retrieval_k": "LORA_ASSETS_GATE_RETRIEVAL_K",
     "gate_require_retrieval": "LORA_ASSETS_GATE_REQUIRE_RETRIEVAL",
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
@@ -77,6 +78,7 @@ class Settings:
     gate_margin: float = 0.01  # publish only if held-out loss beats the base model's by this (nats)
     gate_confidence: float = 0.95  # ... and is not worse than the published version's at this one-sided level (paired bootstrap); 1.0: never refused for that
     gate_noise: float = 0.02  # ... by more than this fraction of its loss (what a reseeded retrain moves)
+    gate_noise_floor: float = 0.01  # ... and by more than this many nats (near-zero losses move by tiny amounts)
     gate_retrieval_k: int = 2  # the retrieval baseline shows this many of the user's similar examples; 0: not scored
     gate_require_retrieval: bool = False  # publish only adapters that beat the retrieval baseline
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
@@ -136,8 +138,9 @@ class Settings:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not 0.5 <= self.gate_confidence <= 1.0:
             raise ValueError(f"{ENV_VARS['gate_confidence']} must be between 0.5 and 1.0, not {self.gate_confidence}")
-        if self.gate_noise < 0:
-            raise ValueError(f"{ENV_VARS['gate_noise']} must be >= 0, not {self.gate_noise}")
+        for name in ("gate_noise", "gate_noise_floor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{ENV_VARS[name]} must be >= 0, not {getattr(self, name)}")
         if self.gate_retrieval_k < 0:
             raise ValueError(f"{ENV_VARS['gate_retrieval_k']} must be >= 0, not {self.gate_retrieval_k}")
         for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
@@ -151,8 +154,8 @@ class Settings:
         """The eval gate's configuration (``lora_assets.gate.GateConfig``)."""
         from lora_assets.gate import GateConfig
 
-        return GateConfig(self.gate_margin, self.gate_confidence, self.gate_noise, self.gate_retrieval_k,
-                          self.gate_require_retrieval)
+        return GateConfig(self.gate_margin, self.gate_confidence, self.gate_noise, self.gate_noise_floor,
+                          self.gate_retrieval_k, self.gate_require_retrieval)
 
     @property
     def adapter_files(self) -> dict[str, str]:

@@ -290,6 +290,10 @@ def test_gate_decision():
     worse = paired(Scores([2.2, 2.1, 2.3, 2.2], [1] * 4), Scores([1.9, 1.9, 2.0, 1.9], [1] * 4), 0.95)
     assert worse.worse() and not decide(3.0, 2.2, worse, strict, published_loss=1.9)[0]
     assert decide(3.0, 2.2, worse, replace(strict, noise=0.2), published_loss=1.9)[0], "within the noise allowed"
+    learned = paired(Scores([0.006, 0.004, 0.005], [1] * 3), Scores([0.004, 0.003, 0.004], [1] * 3), 0.95)
+    assert learned.worse(0.02 * 0.0037), "a reseeded retrain of a learned user: worse by more than 2 %..."
+    assert decide(3.0, 0.005, learned, strict, published_loss=0.0037)[0], "... but by less than the floor in nats"
+    assert not decide(3.0, 0.005, learned, replace(strict, noise_floor=0.0), published_loss=0.0037)[0]
     noise = paired(Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), Scores([1.9, 2.0, 1.8, 2.0], [1] * 4), 0.95)
     assert not noise.worse() and decide(3.0, 1.95, noise, strict, published_loss=1.925)[0], "a tie is published"
     assert not paired(Scores([2.2] * 4, [1] * 4), Scores([1.9] * 4, [1] * 4), 1.0).worse(), "confidence 1: never refused"

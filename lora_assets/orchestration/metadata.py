@@ -21,6 +21,7 @@ def gate_metadata(gate) -> dict[str, Any]:
         "margin": gate.margin,
         "confidence": gate.confidence,
         "noise": gate.noise,
+        "noise_floor": gate.noise_floor,
         **({"vs_published": _r(gate.vs_published.difference),
             "vs_published_lower": _r(gate.vs_published.lower)} if gate.vs_published else {}),
     }

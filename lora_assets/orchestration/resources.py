@@ -30,6 +30,7 @@ class LoraAssetsHome(ConfigurableResource):
     gate_margin: float | None = None
     gate_confidence: float | None = None
     gate_noise: float | None = None
+    gate_noise_floor: float | None = None
     gate_retrieval_k: int | None = None
     gate_require_retrieval: bool | None = None
     train_steps: int | None = None
