@@ -108,8 +108,10 @@ def spread(datasets: dict, n: int) -> list[str]:
 
 def train_variant(base, name: str, datasets: dict, out: Path, chosen: dict | None = None) -> dict[str, tuple]:
     """``chosen``: the "new" variant's results, which "refit" takes its step counts from."""
-    jobs = [refit(job_for(MODE, a, df, out / name / a, gguf_type=""), chosen[a][1]) if name == "refit"
-            else VARIANTS[name](job_for(MODE, a, df, out / name / a, gguf_type="")) for a, df in datasets.items()]
+    def variant(author: str, job):
+        return refit(job, chosen[author][1]) if name == "refit" else VARIANTS[name](job)
+
+    jobs = [variant(a, job_for(MODE, a, df, out / name / a, gguf_type="")) for a, df in datasets.items()]
     t0 = time.perf_counter()
     results = train_adapters(jobs, base, progress=None, fusion="sequential")
     print(f"  trained {name}: {len(jobs)} adapters in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -368,7 +368,6 @@ class StateStore:
                        for t in USER_TABLES)
 
 
-
 @functools.lru_cache(maxsize=8)
 def open_state(url: str) -> StateStore:
     """One engine (and one schema check) per URL and process."""
