@@ -12,7 +12,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     options = options_from(settings, args.base_model, max_adapters=args.max_adapters, max_batch=args.max_batch,
-                           max_concurrent=args.max_concurrent, refresh_s=args.refresh_s)
+                           max_concurrent=args.max_concurrent, refresh_s=args.refresh_s,
+                           retrieval=args.retrieval)
     serve(settings, options, args.host, args.port)
     return 0
 
@@ -46,6 +47,9 @@ def add_serve_commands(sub, default_base_model: str) -> None:
     sv.add_argument("--max-batch", type=int, help="requests decoded together (LORA_ASSETS_SERVE_MAX_BATCH, 16)")
     sv.add_argument("--max-concurrent", type=int, help="requests in flight before 429 (LORA_ASSETS_SERVE_MAX_CONCURRENT, 256)")
     sv.add_argument("--refresh-s", type=float, help="a moved CURRENT is served within this (LORA_ASSETS_SERVE_REFRESH_S, 2)")
+    sv.add_argument("--retrieval", choices=("helps", "always", "never"),
+                    help="add the user's most similar past replies to the prompt: where the gate found they help, "
+                         "always or never (LORA_ASSETS_SERVE_RETRIEVAL, helps)")
     sv.set_defaults(func=_cmd_serve)
 
     tk = sub.add_parser("serve-token", help="issue (or --revoke) a bearer token for the serving API")

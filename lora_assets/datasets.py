@@ -121,7 +121,7 @@ def _encode(df: pd.DataFrame, state: DatasetState) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _decode(data: bytes) -> tuple[pd.DataFrame, DatasetState]:
+def decode_dataset(data: bytes) -> tuple[pd.DataFrame, DatasetState]:
     table = pq.read_table(pa.BufferReader(data))
     raw = json.loads((table.schema.metadata or {})[_STATE_KEY])
     df = table.replace_schema_metadata(None).to_pandas()
@@ -138,7 +138,7 @@ def write_dataset(objects: ObjectStore, user: str, mode: str, df: pd.DataFrame, 
 def read_dataset(objects: ObjectStore, user: str, mode: str) -> tuple[pd.DataFrame, DatasetState] | None:
     """A written dataset and its build state, or None when there is none yet."""
     found = objects.get_with_etag(dataset_object_key(user, mode))
-    return _decode(found[0]) if found else None
+    return decode_dataset(found[0]) if found else None
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def refresh_dataset(store: UserStore, objects: ObjectStore, mode: Mode, user: st
     key = dataset_object_key(user, mode.name)
     for _attempt in range(10):
         found = objects.get_with_etag(key)
-        previous = _decode(found[0]) if found else None
+        previous = decode_dataset(found[0]) if found else None
         df, state, report = build_dataset(store, mode, user, previous)
         try:
             objects.put_if(key, _encode(df, state), expected_etag=found[1] if found else None)

@@ -57,6 +57,7 @@ ENV_VARS: dict[str, str] = {
     "serve_max_tokens": "LORA_ASSETS_SERVE_MAX_TOKENS",
     "serve_max_context": "LORA_ASSETS_SERVE_MAX_CONTEXT",
     "serve_refresh_s": "LORA_ASSETS_SERVE_REFRESH_S",
+    "serve_retrieval": "LORA_ASSETS_SERVE_RETRIEVAL",
     "gguf_type": "LORA_ASSETS_GGUF_TYPE",
     "adapter_dtype": "LORA_ASSETS_ADAPTER_DTYPE",
 }
@@ -104,6 +105,7 @@ class Settings:
     serve_max_tokens: int = 1024  # the largest max_tokens a request may ask for
     serve_max_context: int = 4096  # prompt + completion tokens (capped by the base model's own)
     serve_refresh_s: float = 2.0  # a moved CURRENT (publish, withdrawal, forget) is served within this
+    serve_retrieval: str = "helps"  # the user's retrieved examples in the prompt: helps (where the gate found so), always, never
     # The published files, chosen by benchmarks/device.py (the smallest within 0.5 % of fp32's held-out loss):
     gguf_type: str = "q8_0"  # adapter.gguf for llama.cpp devices: q8_0, f16, f32; "none" publishes PEFT files only
     adapter_dtype: str = "fp16"  # tensors of the published adapter_model.safetensors: fp16, bf16, fp32
@@ -133,7 +135,8 @@ class Settings:
             raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
         for name, allowed in (("fusion", ("auto", "sequential", "interleaved", "batched")),
                               ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "fp32", "bf16", "fp16")),
-                              ("gguf_type", ("f16", "q8_0", "f32", "none")), ("adapter_dtype", ("fp32", "fp16", "bf16"))):
+                              ("gguf_type", ("f16", "q8_0", "f32", "none")), ("adapter_dtype", ("fp32", "fp16", "bf16")),
+                              ("serve_retrieval", ("helps", "always", "never"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not 0.5 <= self.gate_confidence <= 1.0:

@@ -150,6 +150,90 @@ def test_the_openai_client_gets_a_users_adapter_plain_and_streaming(served):
     assert base.system_fingerprint.endswith("/base") and base.choices[0].message.content != choice.message.content
 
 
+def test_where_retrieval_helps_is_decided_per_version_and_mode():
+    from lora_assets.serving.retrieval import examples_to_show
+
+    helps, not_helps = {"retrieval_helps": True, "retrieval_k": 3}, {"retrieval_helps": False, "retrieval_k": 2}
+    assert examples_to_show("helps", helps, sft=True, default_k=2) == 3, "the version's own k"
+    assert examples_to_show("helps", not_helps, sft=True, default_k=2) == 0
+    assert examples_to_show("helps", {}, sft=True, default_k=2) == 0, "a version from before the baseline"
+    assert examples_to_show("always", {}, sft=True, default_k=2) == 2
+    assert examples_to_show("always", helps, sft=False, default_k=2) == 0, "DPO modes show none"
+    assert examples_to_show("never", helps, sft=True, default_k=2) == 0
+    with pytest.raises(ValueError, match="serve_retrieval must be one of"):
+        examples_to_show("sometimes", helps, sft=True, default_k=2)
+
+
+def test_retrieved_replies_come_from_the_users_current_dataset_and_a_deleted_one_leaves_the_prompt(served, tmp_path):
+    """``--retrieval always``: the last user message is followed by the user's most similar past
+    replies, as the gate scored them (the exact prompt length says which), read from the dataset
+    the pipeline keeps; the module's server (``helps``) adds none for versions that record it does
+    not help. A deleted mail leaves the prompts once its dataset is rebuilt."""
+    from lora_assets.adapters import examples_from
+    from lora_assets.datasets import read_dataset, refresh_dataset
+    from lora_assets.modes import MODES
+    from lora_assets.serving.api import with_instruction
+    from lora_assets.settings import Settings
+    from lora_assets.training import load_base_model
+    from lora_assets.training.retrieval import Retriever, with_retrieved
+    from lora_assets.training.text import chat_ids
+
+    user, question = "user-004", "Could you send the zebra ledger for the quarterly xylophone audit?"
+    settings = Settings.from_env(dict(served.env))
+    tokenizer = load_base_model("tiny-llama", settings.home).tokenizer
+    system = MODES[MODE].system
+
+    def expected_prompt_tokens() -> tuple[int, list[str]]:
+        df, _ = read_dataset(settings.datasets(), user, MODE)
+        shown = Retriever(examples_from(df, "train")).similar(question, 2)
+        text = with_retrieved(question, shown)
+        return len(chat_ids(tokenizer, with_instruction([{"role": "user", "content": text}], system))), shown
+
+    def served_with(client) -> tuple[str, int]:
+        raw = client.chat.completions.with_raw_response.create(
+            model=f"{user}/{MODE}", messages=[{"role": "user", "content": question}], max_tokens=2)
+        return raw.headers["x-lora-assets-retrieved"], raw.parse().usage.prompt_tokens
+
+    mail = tmp_path / "mail.jsonl"
+    mail.write_text(json.dumps({"id": "zebra-1", "sender": "Quill", "subject": "zebra ledger",
+                                "body": question, "reply": "PLANTED-zebra-7731: the ledger is attached."}) + "\n")
+    lora_assets("ingest", "--user", user, "--source", "mail", str(mail), env=served.env)
+    refresh_dataset(settings.store(), settings.datasets(), MODES[MODE], user)  # what the dataset asset runs
+    with_planted, shown = expected_prompt_tokens()
+    assert "PLANTED-zebra-7731" in shown[0].response, "its own mail is the most similar"
+
+    version = served.current(user)
+    meta = json.loads((served.data / "drive" / user / "adapters" / "tiny-llama" / MODE / version / "lora_assets.json")
+                      .read_text())
+    assert meta["held_out"]["retrieval_helps"] is False
+    count, plain = served_with(served.client())
+    assert count == "0", "the default serves retrieval only where the gate found it helps"
+    assert plain == len(chat_ids(tokenizer, with_instruction([{"role": "user", "content": question}], system)))
+
+    with _server(served.env, tmp_path / "serve.log", "--retrieval", "always", "--refresh-s", "0.5") as url:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key=served.tokens[user], max_retries=0, timeout=60)
+        assert served_with(client) == ("2", with_planted)
+        streamed = client.chat.completions.with_raw_response.create(
+            model=f"{user}/{MODE}", messages=[{"role": "user", "content": question}], max_tokens=2, stream=True)
+        assert streamed.headers["x-lora-assets-retrieved"] == "2"
+        list(streamed.parse())
+
+        mail.write_text(json.dumps({"id": "zebra-1", "_deleted": True}) + "\n")
+        lora_assets("ingest", "--user", user, "--source", "mail", str(mail), env=served.env)
+        refresh_dataset(settings.store(), settings.datasets(), MODES[MODE], user)
+        without, shown = expected_prompt_tokens()
+        assert not any("PLANTED" in ex.response for ex in shown) and without != with_planted
+        deadline = time.monotonic() + 30  # a liveness bound; the server's bound is --refresh-s 0.5
+        while served_with(client) != ("2", without):
+            assert time.monotonic() < deadline, "the deleted mail stayed in the served prompt"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+            counted = [ln for ln in resp.read().decode().splitlines() if ln.startswith("lora_serve_retrieved_examples_total")]
+        assert float(counted[0].split()[1]) >= 6
+
+
 def test_a_served_adapter_says_what_plain_peft_says_on_the_synced_device(served, tmp_path):
     device = tmp_path / "device"
     lora_assets("sync", "--user", "user-001", "--device-dir", str(device), "--base-model", "tiny-llama", env=served.env)

@@ -69,6 +69,7 @@ def _weights(files: dict[str, bytes], where: str, device: str) -> AdapterWeights
     rank = int(config["r"])
     alpha = float(config.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    held_out = json.loads(files.get("lora_assets.json", b"{}")).get("held_out") or {}
     tensors = load(files["adapter_model.safetensors"])
     modules: dict[str, list] = {}
     for key, tensor in tensors.items():
@@ -79,4 +80,4 @@ def _weights(files: dict[str, bytes], where: str, device: str) -> AdapterWeights
     incomplete = [n for n, (a, b) in modules.items() if a is None or b is None]
     if incomplete or not modules:
         raise Unservable(f"{where}: LoRA tensors incomplete ({incomplete[:3] or 'none'})")
-    return AdapterWeights({n: (a, b) for n, (a, b) in modules.items()}, scaling, rank)
+    return AdapterWeights({n: (a, b) for n, (a, b) in modules.items()}, scaling, rank, held_out)

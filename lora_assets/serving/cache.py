@@ -16,8 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from lora_assets.serving.adapters import Pointer, Unservable
 from lora_assets.serving.slots import BASE_SLOT, AdapterSlots, AdapterWeights
@@ -39,6 +39,7 @@ class _Entry:
     slot: int
     refs: int = 0
     current: bool = True  # False: CURRENT moved on; freed when its last lease ends
+    held_out: Mapping = field(default_factory=dict)  # the version's gate figures
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Lease:
     slot: int
     version: str | None  # None for the base model
     key: tuple[str, str, str] | None = None
+    held_out: Mapping = field(default_factory=dict, compare=False)  # the version's gate figures (whether retrieval helps)
 
 
 BASE_LEASE = Lease(BASE_SLOT, None)
@@ -123,7 +125,7 @@ class AdapterCache:
                         self._free.append(slot)
                         return self._take(key)
                     self.slots.write(slot, weights)
-                    self._entries[key] = _Entry(slot)
+                    self._entries[key] = _Entry(slot, held_out=weights.held_out)
                     return self._take(key)
             finally:
                 with self._cond:
@@ -157,7 +159,7 @@ class AdapterCache:
         entry = self._entries[key]
         entry.refs += 1
         self._entries.move_to_end(key)
-        return Lease(entry.slot, key[2], key)
+        return Lease(entry.slot, key[2], key, entry.held_out)
 
     def _slot_for(self, key: tuple[str, str, str]) -> int:
         deadline = self._clock() + self.wait_s

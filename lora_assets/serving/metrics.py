@@ -18,6 +18,8 @@ class ServeMetrics:
                                 ["model_kind", "status"], registry=r)
         self.prompt_tokens = Counter("lora_serve_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.completion_tokens = Counter("lora_serve_completion_tokens", "Generated tokens", registry=r)
+        self.retrieved = Counter("lora_serve_retrieved_examples", "The users' own past replies added to prompts",
+                                 registry=r)
         self.latency = Histogram("lora_serve_request_seconds", "Time from request to its last token",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
         self.first_token = Histogram("lora_serve_time_to_first_token_seconds", "Time to the first token",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,8 @@ from lora_assets.serving.auth import Principal, TokenFile
 from lora_assets.serving.cache import BASE_LEASE, AdapterCache, Lease, NoAdapter, SlotsBusy
 from lora_assets.serving.engine import Busy, Engine, Job
 from lora_assets.serving.metrics import CONTENT_TYPE, ServeMetrics
+from lora_assets.serving.retrieval import HEADER as RETRIEVED_HEADER
+from lora_assets.serving.retrieval import UserRetrievers, examples_to_show
 from lora_assets.serving.slots import AdapterSlots
 from lora_assets.settings import Settings
 from lora_assets.storage import storage_errors
@@ -43,12 +45,15 @@ class ServeOptions:
     max_tokens: int  # the largest max_tokens a request may ask for
     max_context: int  # prompt + max_tokens, in tokens (at most the base model's own)
     refresh_s: float  # a moved CURRENT is served within this
+    retrieval: str = "helps"  # the user's retrieved examples in the prompt (``serving.retrieval``)
+    retrieval_k: int = 2  # how many, for a version that does not record its own
 
 
 def options_from(settings: Settings, base_model: str, **overrides) -> ServeOptions:
     values = dict(base_model=base_model, max_adapters=settings.serve_max_adapters, max_batch=settings.serve_max_batch,
                   max_concurrent=settings.serve_max_concurrent, max_tokens=settings.serve_max_tokens,
-                  max_context=settings.serve_max_context, refresh_s=settings.serve_refresh_s)
+                  max_context=settings.serve_max_context, refresh_s=settings.serve_refresh_s,
+                  retrieval=settings.serve_retrieval, retrieval_k=settings.gate_retrieval_k or 2)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServeOptions(**values)
 
@@ -84,6 +89,7 @@ class Server:
             self.metrics.adapter_load.observe(time.perf_counter() - started)
             return weights
 
+        self.retrievers = UserRetrievers(settings.datasets(), options.refresh_s, options.max_adapters)
         self.cache = AdapterCache(self.slots, lambda u, m: read_pointer(drive, u, key, m), load, options.refresh_s)
         self.engine = Engine(base.model, base.tokenizer, self.slots, options.max_batch, options.max_concurrent,
                              on_step=lambda n: self.metrics.batch_rows.observe(n))
@@ -150,6 +156,29 @@ class Server:
                                code="context_length_exceeded")
         return ids
 
+    def with_retrieved(self, chat: api.ChatRequest, lease: Lease, prompt: list[int]) -> tuple[list[int], int]:
+        """The prompt with the user's most similar past replies in its last user message, where the
+        version is served with them (``serving.retrieval``), and how many it shows. Never raises:
+        the request already holds its lease; without them is always an answer."""
+        from lora_assets.training.objectives import training_for
+        from lora_assets.training.retrieval import with_retrieved
+
+        last = chat.messages[-1] if chat.messages else None
+        if lease.version is None or chat.mode is None or last is None or last["role"] != "user":
+            return prompt, 0
+        mode = self.modes[chat.mode]
+        k = examples_to_show(self.options.retrieval, lease.held_out, training_for(mode.objective).retrieval,
+                             self.options.retrieval_k)
+        shown = self.retrievers.similar(chat.user, chat.mode, last["content"], k) if k else []
+        if not shown:
+            return prompt, 0
+        messages = [*chat.messages[:-1], {**last, "content": with_retrieved(last["content"], shown)}]
+        try:
+            ids = self.prompt_ids(replace(chat, messages=messages))
+        except api.ApiError:  # too long for the context with them: answered without
+            return prompt, 0
+        return ids, len(shown)
+
     def models(self, principal: Principal) -> list[dict]:
         """``base`` and, for a user's token, each mode with a live adapter (admins: the resident ones)."""
         from lora_assets.drive.sync import published_modes
@@ -200,7 +229,12 @@ def build_app(server: Server) -> Starlette:
         except api.ApiError as exc:
             server.metrics.requests.labels(kind, str(exc.status)).inc()
             return error(exc)
-        return await _complete(server, request, chat_, prompt, lease, kind, started)
+        try:
+            prompt, shown = await run_in_threadpool(server.with_retrieved, chat_, lease, prompt)
+        except BaseException:
+            server.cache.release(lease)
+            raise
+        return await _complete(server, request, chat_, prompt, lease, kind, started, shown)
 
     async def metrics(request: Request) -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
@@ -220,7 +254,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _complete(server: Server, request: Request, chat: api.ChatRequest, prompt: list[int], lease: Lease,
-                    kind: str, started: float) -> Response:
+                    kind: str, started: float, shown: int = 0) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     released = threading.Event()
@@ -242,6 +276,9 @@ async def _complete(server: Server, request: Request, chat: api.ChatRequest, pro
                                          code="rate_limit_exceeded").body(), status_code=429)
     completion = api.Completion(chat.model, server.fingerprint(lease))
     m = server.metrics
+    headers = {RETRIEVED_HEADER: str(shown)}
+    if shown:
+        m.retrieved.inc(shown)
 
     def finished(status: str, tokens: int) -> None:
         m.requests.labels(kind, status).inc()
@@ -274,7 +311,7 @@ async def _complete(server: Server, request: Request, chat: api.ChatRequest, pro
             finished("503", n)
             return JSONResponse(api.ApiError(503, "decoding failed; try again", "server_error").body(), status_code=503)
         finished("200", n)
-        return JSONResponse(completion.whole("".join(parts), finish, len(prompt), n))
+        return JSONResponse(completion.whole("".join(parts), finish, len(prompt), n), headers=headers)
 
     async def stream():
         first, n, status = True, 0, "200"
@@ -301,7 +338,7 @@ async def _complete(server: Server, request: Request, chat: api.ChatRequest, pro
             job.cancelled = True
             finished(status, n)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
 
 
 def serve(settings: Settings, options: ServeOptions, host: str, port: int) -> None:

@@ -21,7 +21,7 @@ fp32 for the LoRA product and the sum is cast back to the base layer's dtype.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class AdapterWeights:
     modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: float
     rank: int
+    held_out: Mapping = field(default_factory=dict, compare=False)  # the version's gate figures (whether retrieval helps)
 
 
 class SlotLora(torch.nn.Module):

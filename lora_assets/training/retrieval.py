@@ -61,17 +61,17 @@ class Retriever:
         return [self.train[i] for i in order[:k]]
 
 
-def with_retrieved(example: Example, shown: Sequence[Example]) -> str:
-    """The example's prompt followed by the retrieved replies."""
+def with_retrieved(prompt: str, shown: Sequence[Example]) -> str:
+    """``prompt`` followed by the retrieved replies (the gate scores this; serving sends it)."""
     replies = "\n\n---\n".join(ex.response[:MAX_SHOWN_CHARS] for ex in shown)
-    return f"{example.prompt}\n\n{HEADER}\n\n{replies}" if shown else example.prompt
+    return f"{prompt}\n\n{HEADER}\n\n{replies}" if shown else prompt
 
 
 def tokenize_retrieved(tokenizer, example: Example, shown: Sequence[Example], max_length: int) -> TokenizedExample:
     """``example`` with ``shown`` in its prompt, scored on the same response tokens as without."""
     plain = tokenize_example(tokenizer, example, max_length)
     response = [t for t, label in zip(plain.input_ids, plain.labels) if label != IGNORE_INDEX]
-    prompt = chat_prompt_ids(tokenizer, with_retrieved(example, shown), example.system)
+    prompt = chat_prompt_ids(tokenizer, with_retrieved(example.prompt, shown), example.system)
     room = max_length + TOKENS_PER_SHOWN * len(shown) - len(response)
     prompt = prompt[max(0, len(prompt) - room):]
     return TokenizedExample(input_ids=prompt + response, labels=[IGNORE_INDEX] * len(prompt) + response)
