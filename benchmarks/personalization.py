@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from lora_assets.adapters import job_for  # noqa: E402
 from lora_assets.data.schemas import records_to_table  # noqa: E402
 from lora_assets.data.synthetic import generate_user  # noqa: E402
-from lora_assets.gate import GateConfig, decide, paired  # noqa: E402
+from lora_assets.gate import HELPS_CONFIDENCE, GateConfig, decide, paired  # noqa: E402
 from lora_assets.lora_spec import StepBudget  # noqa: E402
 from lora_assets.modes import MODES, build_examples  # noqa: E402
 from lora_assets.training import load_base_model, train_adapters  # noqa: E402
@@ -131,22 +131,27 @@ def rel(loss: float, base: float) -> str:
 
 def retrieval_table(base, trained: dict, k: int) -> dict[str, list[float]]:
     rows, cols = [], {"base": [], "retrieval": [], "adapter": [], "adapter+retrieval": []}
+    helps = 0
     for author, (job, result) in trained.items():
         b, r = (s.mean for s in SFT.score_views(base, None, job, (0, k)))
-        a, ar = (s.mean for s in SFT.score_views(base, job.output_dir, job, (0, k)))
+        plain, with_k = SFT.score_views(base, job.output_dir, job, (0, k))
+        a, ar = plain.mean, with_k.mean
+        helped = paired(with_k, plain, HELPS_CONFIDENCE).better  # what the gate records for serving
+        helps += helped
         for key, v in zip(cols, (b, r, a, ar)):
             cols[key].append(v)
         rows.append([author, len(job.train), len(job.eval), b, r, a, ar, rel(r, b), rel(a, b), rel(ar, b),
-                     "adapter" if a < r else "retrieval"])
+                     "adapter" if a < r else "retrieval", "yes" if helped else "no"])
     show(rows, ["author", "train", "held-out", "base", f"base+{k}", "adapter", f"adapter+{k}",
-                "retrieval", "adapter", "both", "better"])
+                "retrieval", "adapter", "both", "better", "retrieval_helps"])
     means = {key: statistics.mean(v) for key, v in cols.items()}
     print(f"  mean held-out loss: " + ", ".join(f"{key} {v:.4f}" for key, v in means.items()))
     print(f"  mean improvement over the base: retrieval {means['base'] - means['retrieval']:.4f} nats, adapter "
           f"{means['base'] - means['adapter']:.4f}, adapter+retrieval {means['base'] - means['adapter+retrieval']:.4f}; "
           f"adapter beats retrieval for {sum(a < r for a, r in zip(cols['adapter'], cols['retrieval']))}/{len(rows)}, "
           f"adapter+retrieval beats adapter for "
-          f"{sum(ar < a for ar, a in zip(cols['adapter+retrieval'], cols['adapter']))}/{len(rows)}", flush=True)
+          f"{sum(ar < a for ar, a in zip(cols['adapter+retrieval'], cols['adapter']))}/{len(rows)} "
+          f"(with {HELPS_CONFIDENCE:.0%} confidence, retrieval_helps: {helps}/{len(rows)})", flush=True)
     return cols
 
 
