@@ -158,8 +158,8 @@ class Server:
 
     def with_retrieved(self, chat: api.ChatRequest, lease: Lease, prompt: list[int]) -> tuple[list[int], int]:
         """The prompt with the user's most similar past replies in its last user message, where the
-        version is served with them (``serving.retrieval``), and how many it shows. Never raises:
-        the request already holds its lease; without them is always an answer."""
+        version is served with them (``serving.retrieval``), and how many it shows. No data problem
+        fails the request (it already holds its lease): without them is always an answer."""
         from lora_assets.training.objectives import training_for
         from lora_assets.training.retrieval import with_retrieved
 
