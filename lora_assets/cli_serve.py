@@ -47,7 +47,9 @@ def add_serve_commands(sub, default_base_model: str) -> None:
     sv.add_argument("--max-batch", type=int, help="requests decoded together (LORA_ASSETS_SERVE_MAX_BATCH, 16)")
     sv.add_argument("--max-concurrent", type=int, help="requests in flight before 429 (LORA_ASSETS_SERVE_MAX_CONCURRENT, 256)")
     sv.add_argument("--refresh-s", type=float, help="a moved CURRENT is served within this (LORA_ASSETS_SERVE_REFRESH_S, 2)")
-    sv.add_argument("--retrieval", choices=("helps", "always", "never"),
+    from lora_assets.settings import SERVE_RETRIEVAL_POLICIES
+
+    sv.add_argument("--retrieval", choices=SERVE_RETRIEVAL_POLICIES,
                     help="add the user's most similar past replies to the prompt: where the gate found they help, "
                          "always or never (LORA_ASSETS_SERVE_RETRIEVAL, helps)")
     sv.set_defaults(func=_cmd_serve)

@@ -17,6 +17,9 @@ from typing import Any
 
 from lora_assets.paths import data_home
 
+# serve_retrieval's values (serving/retrieval.py says what each does)
+SERVE_RETRIEVAL_POLICIES = ("helps", "always", "never")
+
 # Field -> environment variable. Defaults are the dataclass defaults below.
 ENV_VARS: dict[str, str] = {
     "home": "LORA_ASSETS_HOME",
@@ -136,7 +139,7 @@ class Settings:
         for name, allowed in (("fusion", ("auto", "sequential", "interleaved", "batched")),
                               ("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "fp32", "bf16", "fp16")),
                               ("gguf_type", ("f16", "q8_0", "f32", "none")), ("adapter_dtype", ("fp32", "fp16", "bf16")),
-                              ("serve_retrieval", ("helps", "always", "never"))):
+                              ("serve_retrieval", SERVE_RETRIEVAL_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not 0.5 <= self.gate_confidence <= 1.0:

@@ -24,12 +24,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
+from lora_assets.settings import SERVE_RETRIEVAL_POLICIES
 from lora_assets.storage import ObjectStore, storage_errors
 from lora_assets.training.retrieval import Retriever
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("helps", "always", "never")
+POLICIES = SERVE_RETRIEVAL_POLICIES
 HEADER = "X-Lora-Assets-Retrieved"  # how many of the user's examples the prompt showed
 
 
