@@ -50,6 +50,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def get_with_etag(self, key: str) -> tuple[bytes, str] | None: ...
+    def etag(self, key: str) -> str | None: ...  # get_with_etag's etag without the body; None: no object
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None: ...
     def uri(self, key: str) -> str: ...
 
@@ -147,6 +148,10 @@ class LocalObjectStore:
             return None
         return data, hashlib.md5(data).hexdigest()  # S3's ETag for a single-part upload
 
+    def etag(self, key: str) -> str | None:
+        found = self.get_with_etag(key)  # a local read costs what hashing it does
+        return found[1] if found else None
+
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +232,18 @@ class S3ObjectStore:
                 return None
             raise
         return obj["Body"].read(), obj["ETag"].strip('"')
+
+    def etag(self, key: str) -> str | None:
+        """A HEAD request: what a reader that caches the object checks before downloading it again."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return head["ETag"].strip('"')
 
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
         from botocore.exceptions import ClientError

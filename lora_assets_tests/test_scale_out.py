@@ -17,13 +17,17 @@ import pytest
 from dagster import instance_for_test
 
 from lora_assets.data.ingest import ingest
+from lora_assets.data.synthetic import generate_user
+from lora_assets.datasets import DatasetState, dataset_object_key, write_dataset
 from lora_assets.definitions import defs
 from lora_assets.drive.publish import publish_adapter, read_current
 from lora_assets.drive.sync import sync_device
+from lora_assets.modes import MODES, build_examples
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_base_model_partition
 from lora_assets.orchestration.sensors import change_feed_sensor
 from lora_assets.orchestration.ticks import evaluate_tick
+from lora_assets.serving.retrieval import UserRetrievers
 from lora_assets.storage import PreconditionFailed, S3ObjectStore
 from lora_assets_tests.harness import Daemon, adapter_runs, dataset_runs
 
@@ -129,6 +133,47 @@ def test_s3_notifications_on_sqs_feed_the_change_sensor(aws, tmp_path):
         assert not second.run_requests
         in_flight = aws["sqs"].get_queue_attributes(QueueUrl=aws["queue"], AttributeNames=attrs)
         assert int(in_flight["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) == 0
+
+
+class _CountingClient:
+    """The boto3 S3 client, counting the downloads (``get_object`` calls) made through it."""
+
+    def __init__(self, client) -> None:
+        self.client, self.downloads = client, 0
+
+    def get_object(self, **kw):
+        self.downloads += 1
+        return self.client.get_object(**kw)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_serving_rechecks_a_users_dataset_on_s3_by_etag_and_downloads_it_only_when_it_changed(aws):
+    client = _CountingClient(aws["s3"])
+    store = S3ObjectStore(client, aws["bucket"], "retrieval-refresh")
+    mode = MODES["mail_reply"]
+    df = build_examples(mode, generate_user("user-000"))
+    assert store.etag(dataset_object_key("user-000", mode.name)) is None
+    write_dataset(store, "user-000", mode.name, df, DatasetState(0, {}))
+    now = [0.0]
+    retrievers = UserRetrievers(store, refresh_s=10, capacity=4, clock=lambda: now[0])
+
+    first = retrievers.get("user-000", mode.name)
+    assert client.downloads == 1 and first is not None
+    now[0] = 11  # past refresh_s, dataset unchanged: a HEAD request, the same retriever
+    assert retrievers.get("user-000", mode.name) is first and client.downloads == 1
+
+    dropped = df[df["split"] == "train"].iloc[0]["example_id"]
+    write_dataset(store, "user-000", mode.name, df[df["example_id"] != dropped], DatasetState(1, {}))
+    now[0] = 22  # the dataset moved: downloaded again, and the dropped example is gone
+    second = retrievers.get("user-000", mode.name)
+    assert client.downloads == 2 and second is not first
+    assert dropped not in {ex.id for ex in second.train} and len(second.train) == len(first.train) - 1
+
+    store.delete(dataset_object_key("user-000", mode.name))
+    now[0] = 33  # a forgotten user's dataset: nothing to show, nothing downloaded
+    assert retrievers.get("user-000", mode.name) is None and client.downloads == 2
 
 
 def test_feed_command_shows_pending_events_and_dead_letters_on_sqs(aws, tmp_path):

@@ -8,8 +8,8 @@ followed by those replies (``training.retrieval.with_retrieved``, the same TF-ID
 
 - **Which versions** (``serve_retrieval``): ``helps`` (default) the ones that record it,
   ``always`` every SFT adapter (a deployment that wants it regardless), ``never``.
-- **From the user's current dataset**, never a copy: its training split, re-read (by etag) once
-  the cached copy is ``refresh_s`` old. So a deleted mail leaves the prompts within ``refresh_s``
+- **From the user's current dataset**, never a copy: its training split, checked by etag (a
+  HEAD request on S3) once the cached copy is ``refresh_s`` old, downloaded again only when it moved. So a deleted mail leaves the prompts within ``refresh_s``
   of the dataset rebuild that drops it, and a forgotten user's (deleted) dataset shows nothing.
 - **Best effort**: an unreadable dataset, or a prompt too long for the context with the replies,
   is answered without them (and logged), never failed; the response says how many it showed
@@ -47,7 +47,7 @@ def examples_to_show(policy: str, held_out: Mapping | None, sft: bool, default_k
 
 class UserRetrievers:
     """A ``Retriever`` per (user, mode) over the user's current dataset, LRU-bounded, re-checked
-    every ``refresh_s``: the dataset is re-read, and rebuilt into a retriever only when its etag moved."""
+    every ``refresh_s``: by the dataset's etag, downloaded and rebuilt into a retriever only when it moved."""
 
     def __init__(self, datasets: ObjectStore, refresh_s: float, capacity: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -60,29 +60,36 @@ class UserRetrievers:
 
     def get(self, user: str, mode: str) -> Retriever | None:
         """The user's retriever for the mode, or None when they have no training example."""
-        from lora_assets.adapters import examples_from
-        from lora_assets.datasets import dataset_object_key, decode_dataset
+        from lora_assets.datasets import dataset_object_key
 
         key, now = (user, mode), self._clock()
         with self._lock:
             cached = self._cached.get(key)
         if cached is not None and now - cached[1] < self.refresh_s:
             return cached[2]
-        found = self.datasets.get_with_etag(dataset_object_key(user, mode))
-        etag = found[1] if found else None
-        if cached is not None and cached[0] == etag:
-            retriever = cached[2]
-        elif found is None:
+        object_key = dataset_object_key(user, mode)
+        etag = self.datasets.etag(object_key)  # a HEAD on S3: the dataset is downloaded only when it moved
+        if etag is None:  # no dataset (a forgotten user's is deleted): nothing to show
             retriever = None
+        elif cached is not None and cached[0] == etag:
+            retriever = cached[2]
         else:
-            train = examples_from(decode_dataset(found[0])[0], "train")
-            retriever = Retriever(train) if train else None
+            found = self.datasets.get_with_etag(object_key)
+            etag, retriever = (found[1], self._build(found[0])) if found else (None, None)
         with self._lock:
             self._cached[key] = (etag, now, retriever)
             self._cached.move_to_end(key)
             while len(self._cached) > self.capacity:
                 self._cached.popitem(last=False)
         return retriever
+
+    @staticmethod
+    def _build(data: bytes) -> Retriever | None:
+        from lora_assets.adapters import examples_from
+        from lora_assets.datasets import decode_dataset
+
+        train = examples_from(decode_dataset(data)[0], "train")
+        return Retriever(train) if train else None
 
     def similar(self, user: str, mode: str, query: str, k: int) -> list:
         """Up to ``k`` of the user's examples most like ``query``; none when the dataset cannot be read."""
