@@ -139,8 +139,8 @@ def job_for(
 
     Without a ``plan``: a full training on every training example. ``steps`` fixes the step
     budget (tests, benchmarks); otherwise a full training sets aside a validation slice that
-    chooses the step (early stopping within the mode's budget), and an incremental update
-    trains for its update budget.
+    chooses the step (early stopping within the mode's budget) at the mode's rate for that many
+    examples, and an incremental update trains for its update budget at its rate.
     """
     rows = pairs_from if mode.objective.pairwise else examples_from
     train = everything = rows(dataset, "train")
@@ -162,7 +162,8 @@ def job_for(
         lora=mode.lora,
         max_steps=steps,
         budget=mode.update.budget if plan.path == INCREMENTAL else mode.budget,
-        learning_rate=mode.update.learning_rate if plan.path == INCREMENTAL else mode.learning_rate,
+        learning_rate=(mode.update.learning_rate if plan.path == INCREMENTAL
+                       else mode.learning_rate.for_examples(len(train))),
         seed=0,
         warm_start_from=warm_start_from,
         gguf_type=gguf_type,

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lora_assets.data.schemas import SOURCES, InvalidRecord
-from lora_assets.lora_spec import LoraSpec, StepBudget
+from lora_assets.lora_spec import LearningRate, LoraSpec, StepBudget
 from lora_assets.objective import DPO, SFT, Objective
 
 Record = Mapping[str, Any]
@@ -101,9 +101,10 @@ class Mode:
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
     budget: StepBudget = field(default_factory=StepBudget)  # a full (re)training
-    # A full (re)training's rate: 3e-4 with validation choosing the step, from
-    # benchmarks/personalization.py on real writing (1e-3 and 2e-3 overfit before the first score).
-    learning_rate: float = 3e-4
+    # A full (re)training's rate, by the user's training examples: 3e-4 up to 45, rising to 1e-3
+    # (benchmarks/personalization.py on real writing: 1e-3 overfits small users before the first
+    # step kept, 3e-4 under-trains large ones).
+    learning_rate: LearningRate = field(default_factory=LearningRate)
     update: UpdatePolicy = field(default_factory=lambda: UpdatePolicy())  # when and how to update incrementally
 
     @property
@@ -259,7 +260,8 @@ MODES: dict[str, Mode] = {
             check=_tone_rewrite_check,
             objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
-            learning_rate=1e-3,  # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences)
+            # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences)
+            learning_rate=LearningRate(base=1e-3, maximum=1e-3),
         ),
     ]
 }

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
-from lora_assets.adapters import job_for
+from lora_assets.adapters import INCREMENTAL, TrainingPlan, job_for
 from lora_assets.lora_spec import StepBudget
 from lora_assets.modes import MODES, build_examples
 from lora_assets.training import train_adapters
@@ -42,6 +43,26 @@ def test_a_full_training_sets_aside_a_validation_slice_of_its_training_examples(
     assert job.metadata["validation_examples"] == len(validation_ids)
     fixed = job_for(MAIL, "user-000", dataset, tmp_path, steps=30)
     assert not fixed.validation and not fixed.early_stopping, "a fixed step count trains on every example"
+
+
+def test_a_full_trainings_learning_rate_rises_with_the_users_examples_and_an_update_keeps_its_own(
+        synthetic_tables, tmp_path):
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
+    train = dataset[dataset.split == "train"]
+
+    def sized(n: int) -> pd.DataFrame:  # n training examples: the user's, repeated under new ids
+        rows = pd.concat([train] * (n // len(train) + 1)).head(n).copy()
+        rows["example_id"] = [f"mail-{i:04d}" for i in range(n)]
+        return pd.concat([rows, dataset[dataset.split == "eval"]], ignore_index=True)
+
+    rate = MAIL.learning_rate
+    small, medium, large = (job_for(MAIL, "u", sized(n), tmp_path / str(n)) for n in (20, 100, 600))
+    assert small.learning_rate == rate.base == 3e-4, "a small user: the rate that does not overfit it"
+    assert large.learning_rate == rate.maximum == 1e-3
+    assert rate.base < medium.learning_rate < rate.maximum
+    assert medium.learning_rate == pytest.approx(3e-4 * len(medium.train) / 45), "in proportion to its examples"
+    update = job_for(MAIL, "u", sized(600), tmp_path / "inc", plan=TrainingPlan(INCREMENTAL, "test", ("mail-0001",)))
+    assert update.learning_rate == MAIL.update.learning_rate, "an incremental update's rate is its policy's"
 
 
 def test_early_stopping_keeps_the_best_scored_step_of_the_validation_curve(tiny_base, stopped):
