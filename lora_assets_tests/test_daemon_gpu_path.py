@@ -4,9 +4,12 @@ pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lora_assets.drive.sync import installed_adapter_dir, sync_device
+from lora_assets.modes import MODES
 from lora_assets.orchestration.runs import register_base_model_partition
 from lora_assets.training import load_base_model
 from lora_assets.training.inference import load_adapter
@@ -56,8 +59,14 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
 
     # A device gets both, and the safetensors-only loader puts each on a bf16 base.
     base = load_base_model("tiny-llama", daemon.data, device="cpu", dtype="bf16")
+    rates = {}  # each adapter's recorded rate, by its training examples
     for user in ("small", "large"):
         device = tmp_path / user
         assert sync_device(daemon.settings.drive(), user, device, "tiny-llama").ok
-        model = load_adapter(base, installed_adapter_dir(device, "tiny-llama", "mail_reply"))
+        installed = installed_adapter_dir(device, "tiny-llama", "mail_reply")
+        recorded = json.loads((installed / "lora_assets.json").read_text())
+        rates[user] = recorded["learning_rate"]
+        assert rates[user] == MODES["mail_reply"].learning_rate.for_examples(recorded["examples_trained"])
+        model = load_adapter(base, installed)
         base.model = model.unload()
+    assert rates["small"] == 3e-4 < rates["large"], "the rate rises with the user's training examples"
