@@ -159,14 +159,18 @@ def retrieval_table(base, trained: dict, k: int) -> dict[str, list[float]]:
     return cols
 
 
-def _difference_interval(base, variant: dict, reference: dict, resamples: int = 2000) -> tuple[float, float, float]:
-    """Mean over authors of (variant - reference) held-out loss, with a 95 % interval from
-    resampling each author's held-out examples (paired: both scored on the same examples)."""
+def _per_example(base, variant: dict) -> dict:
+    """Each author's held-out scores under the variant's adapter (the same held-out set for every variant)."""
+    return {author: SFT.scores(base, result.output_dir, job) for author, (job, result) in variant.items()}
+
+
+def _difference_interval(variant: dict, reference: dict, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean over authors of (variant - reference) held-out loss (``_per_example`` scores), with a
+    95 % interval from resampling each author's held-out examples (paired: the same examples)."""
     rng = np.random.default_rng(0)
     per_author = []
-    for author, (job, result) in variant.items():
-        v = SFT.scores(base, result.output_dir, job)
-        r = SFT.scores(base, reference[author][1].output_dir, job)
+    for author, v in variant.items():
+        r = reference[author]
         per_author.append((np.asarray(v.losses) - np.asarray(r.losses), np.asarray(v.weights, dtype=float)))
     mid = statistics.mean(float(d.sum() / w.sum()) for d, w in per_author)
     boot = np.zeros(resamples)
@@ -189,8 +193,9 @@ def budgets_table(base, variants: dict[str, dict]) -> None:
             row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "")]
         rows.append(row)
     show(rows, ["author", "train", "base", *[h for n in names for h in (n, "steps")]])
+    reference = _per_example(base, variants[names[0]])  # scored once, compared with each other variant
     for n in names[1:]:  # whether a difference in the mean is more than the held-out sets' noise
-        low, mid, high = _difference_interval(base, variants[n], variants[names[0]])
+        low, mid, high = _difference_interval(_per_example(base, variants[n]), reference)
         print(f"  {n} minus {names[0]}: {mid:+.4f} nats mean held-out loss over the authors, 95% interval "
               f"[{low:+.4f}, {high:+.4f}] (examples resampled within each author)", flush=True)
     for n in names:

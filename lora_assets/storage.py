@@ -202,15 +202,7 @@ class S3ObjectStore:
         return found[0]
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        return True
+        return self.etag(key) is not None
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix.rstrip("/")) + "/"
@@ -222,28 +214,25 @@ class S3ObjectStore:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+    def _request(self, call: str, key: str) -> dict | None:
+        """``client.<call>`` on the key's object; None when there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return getattr(self.client, call)(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        return obj["Body"].read(), obj["ETag"].strip('"')
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        obj = self._request("get_object", key)
+        return (obj["Body"].read(), obj["ETag"].strip('"')) if obj else None
 
     def etag(self, key: str) -> str | None:
         """A HEAD request: what a reader that caches the object checks before downloading it again."""
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
-        return head["ETag"].strip('"')
+        head = self._request("head_object", key)
+        return head["ETag"].strip('"') if head else None
 
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> None:
         from botocore.exceptions import ClientError

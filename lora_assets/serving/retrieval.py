@@ -9,8 +9,9 @@ followed by those replies (``training.retrieval.with_retrieved``, the same TF-ID
 - **Which versions** (``serve_retrieval``): ``helps`` (default) the ones that record it,
   ``always`` every SFT adapter (a deployment that wants it regardless), ``never``.
 - **From the user's current dataset**, never a copy: its training split, checked by etag (a
-  HEAD request on S3) once the cached copy is ``refresh_s`` old, downloaded again only when it moved. So a deleted mail leaves the prompts within ``refresh_s``
-  of the dataset rebuild that drops it, and a forgotten user's (deleted) dataset shows nothing.
+  HEAD request on S3) once the cached copy is ``refresh_s`` old, downloaded again only when it
+  moved. So a deleted mail leaves the prompts within ``refresh_s`` of the dataset rebuild that
+  drops it, and a forgotten user's (deleted) dataset shows nothing.
 - **Best effort**: an unreadable dataset, or a prompt too long for the context with the replies,
   is answered without them (and logged), never failed; the response says how many it showed
   (header ``X-Lora-Assets-Retrieved``).
