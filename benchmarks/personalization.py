@@ -15,8 +15,8 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 2. step budgets: the new default (a validation slice chooses the step, early stopping within
    [min_steps, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples) against
    the old default (2 epochs within [10, 120] at 1e-3) and the old fixed 30 steps at 1e-3, and
-   any ``--variants`` (learning rate, rank, target modules, the first step kept; ``refit``: the
-   step validation chose, retrained on every example) for tuning; each variant's mean held-out
+   any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
+   the slice's size; ``refit``: the step validation chose, retrained on every example) for tuning; each variant's mean held-out
    loss minus the first variant's, with a 95 % interval (held-out examples resampled per author);
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
@@ -67,6 +67,15 @@ def _all_train(job):
     return replace(job, train=[*job.train, *job.validation], validation=())
 
 
+def _smaller_slice(job, fraction: float = 0.10, most: int = 16):
+    """The job with a validation slice of ``fraction`` (at most ``most``): the rest is trained on."""
+    if not job.validation:
+        return job
+    n = len(job.train) + len(job.validation)
+    keep = min(len(job.validation), most, max(job.budget.min_validation, round(fraction * n)))
+    return replace(job, train=[*job.train, *job.validation[keep:]], validation=job.validation[:keep])
+
+
 VARIANTS = {
     "new": lambda job: job,  # the product's defaults
     "old": lambda job: replace(_all_train(job), budget=OLD_BUDGET, learning_rate=OLD_RATE),
@@ -77,6 +86,8 @@ VARIANTS = {
     "lr3e-4": lambda job: replace(job, learning_rate=3e-4),  # the default before the rate rose with examples
     "lr1e-3": lambda job: replace(job, learning_rate=1e-3),
     "delta0": lambda job: replace(job, budget=replace(job.budget, min_improvement=0.0)),  # stop on no improvement only
+    "decay": lambda job: replace(job, decay_to=0.1),  # the rate falls linearly to a tenth over the budget
+    "slice16": _smaller_slice,  # a validation slice of 10 %, at most 16 examples
     "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10)),
     "r8": lambda job: replace(job, lora=replace(job.lora, r=8, alpha=16)),
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),

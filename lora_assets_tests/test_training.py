@@ -27,7 +27,7 @@ MAIL = MODES["mail_reply"]
 def _mail_job(tables, user: str, out: Path, **overrides) -> TrainJob:
     dataset = build_examples(MAIL, tables[user])
     job = job_for(MAIL, user, dataset, out, steps=30)
-    return replace(job, learning_rate=1e-2, **overrides)  # tiny random model: higher lr than SmolLM2
+    return replace(job, **{"learning_rate": 1e-2, **overrides})  # tiny random model: higher lr than SmolLM2
 
 
 def _tensors(adapter: Path) -> dict[str, torch.Tensor]:
@@ -126,6 +126,27 @@ def test_several_jobs_in_one_sequential_call_equal_each_job_alone(tiny_base, syn
         ta, aa = _tensors(t.output_dir), _tensors(a.output_dir)
         for name in ta:
             torch.testing.assert_close(ta[name], aa[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fusion", ["sequential", "interleaved"])
+def test_a_jobs_rate_falls_linearly_to_its_decay_to_over_its_steps(tiny_base, synthetic_tables, tmp_path, monkeypatch, fusion):
+    """What each optimizer step trained at, read from AdamW itself, on both training loops."""
+    rates: dict[int, list[float]] = {}
+    plain_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.setdefault(id(self), []).append(self.param_groups[0]["lr"])
+        return plain_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    jobs = [_mail_job(synthetic_tables, "user-000", tmp_path / "decay", max_steps=5, learning_rate=1e-3, decay_to=0.1),
+            _mail_job(synthetic_tables, "user-001", tmp_path / "flat", max_steps=4, learning_rate=2e-3)]
+    train_adapters(jobs, tiny_base, progress=None, fusion=fusion, fuse=2)
+    assert sorted(rates.values(), key=len) == [
+        pytest.approx([2e-3] * 4),  # decay_to 1: a constant rate
+        pytest.approx([1e-3, 0.82e-3, 0.64e-3, 0.46e-3, 0.28e-3]),  # 1e-3 x (1 - 0.9 step / 5)
+    ]
+    assert read_adapter_metadata(jobs[0].output_dir)["decay_to"] == 0.1
 
 
 def test_warm_start_continues_from_previous_adapter(tiny_base, synthetic_tables, tmp_path):

@@ -124,6 +124,7 @@ def _train_one(
         before = prepared.evaluate(model)[1] if prepared.metrics_before_training else {}
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, job.rate_factor)
         stopping = EarlyStopping(
             job, lambda: prepared.validate(model),
             snapshot=lambda: [p.detach().clone() for p in params],
@@ -137,6 +138,7 @@ def _train_one(
             loss = prepared.loss(model, step - 1, batch)
             loss.backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             curve.append(loss.item())
             total_tokens += int(batch["attention_mask"].sum())
@@ -195,6 +197,7 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
             "lora": asdict(job.lora),
             "seed": job.seed,
             "learning_rate": job.learning_rate,
+            "decay_to": job.decay_to,
             "batch_size": job.batch_size,
             "max_length": job.max_length,
             "warm_start_from": str(job.warm_start_from) if job.warm_start_from else None,

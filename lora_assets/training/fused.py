@@ -71,6 +71,7 @@ class _Job:
     prepared: Prepared  # the objective's batches (one per step) and held-out measure
     steps: int
     optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
     curve: list[float]
     stopping: EarlyStopping | None = None
     total_tokens: int = 0
@@ -162,7 +163,8 @@ def train_fused(
             wrapped.layers[name].lora_b.append(b)
             params.extend([a, b])
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
-        state.append(_Job(job, prepared, len(prepared.batches), optimizer, curve=[]))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, job.rate_factor)
+        state.append(_Job(job, prepared, len(prepared.batches), optimizer, schedule, curve=[]))
         state[-1].stopping = _stopping(len(state) - 1, state[-1], base, wrapped)
     block_losses = training_for(jobs[0].objective).block_losses
     results: dict[int, TrainResult] = {}
@@ -180,6 +182,7 @@ def train_fused(
                 for j, loss in zip(chunk, losses.tolist()):
                     s = state[j]
                     s.optimizer.step()
+                    s.schedule.step()
                     s.optimizer.zero_grad(set_to_none=True)
                     s.curve.append(loss)
                     batch = s.prepared.batches[step]
@@ -280,7 +283,7 @@ def _finish(
         best_step=s.stopping.best_step,
         validation_curve=s.stopping.curve,
     )
-    s.optimizer, s.prepared = None, None  # type: ignore[assignment]
+    s.optimizer, s.schedule, s.prepared = None, None, None  # type: ignore[assignment]
     _save_through_peft(base, s.job, weights, result, on_trained, save)
     return result
 

@@ -33,6 +33,7 @@ class TrainJob:
     batch_size: int = 8
     max_length: int = 128  # tokens per example, prompt truncated from the left first
     learning_rate: float = 1e-3  # high for LoRA, but runs are tens of steps, not thousands
+    decay_to: float = 1.0  # the rate falls linearly to this share of itself over ``steps`` (1: constant)
     seed: int = 0
     warm_start_from: Path | None = None  # previous adapter dir to continue from
     # The files written (the product passes its settings: fp16 PEFT and q8_0 GGUF by default):
@@ -51,6 +52,12 @@ class TrainJob:
         if self.early_stopping:
             return self.budget.max_steps
         return self.budget.steps(len(self.train), self.batch_size)
+
+    def rate_factor(self, step: int) -> float:
+        """The share of ``learning_rate`` step ``step`` (from 0) trains at: linear from 1 to
+        ``decay_to`` over the most steps the job may train, so where early stopping ends it
+        does not change the schedule of the steps before."""
+        return 1.0 - (1.0 - self.decay_to) * step / self.steps
 
     @property
     def early_stopping(self) -> bool:
