@@ -16,8 +16,9 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
    [min_steps, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples) against
    the old default (2 epochs within [10, 120] at 1e-3) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
-   the slice's size; ``refit``: the step validation chose, retrained on every example) for tuning; each variant's mean held-out
-   loss minus the first variant's, with a 95 % interval (held-out examples resampled per author);
+   the slice's size; ``refit``: the step validation chose, retrained on every example) for
+   tuning; each variant's mean held-out loss minus the first variant's, with a 95 % interval
+   (held-out examples resampled per author);
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
 4. the paired gate: how often it refuses a retrain of the same data with another seed (should be

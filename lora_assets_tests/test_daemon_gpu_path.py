@@ -4,14 +4,12 @@ pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from lora_assets.drive.sync import installed_adapter_dir, sync_device
 from lora_assets.modes import MODES
 from lora_assets.orchestration.runs import register_base_model_partition
-from lora_assets.training import load_base_model
+from lora_assets.training import load_base_model, read_adapter_metadata
 from lora_assets.training.inference import load_adapter
 from lora_assets_tests.harness import Daemon, adapter_runs
 
@@ -64,7 +62,7 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
         device = tmp_path / user
         assert sync_device(daemon.settings.drive(), user, device, "tiny-llama").ok
         installed = installed_adapter_dir(device, "tiny-llama", "mail_reply")
-        recorded = json.loads((installed / "lora_assets.json").read_text())
+        recorded = read_adapter_metadata(installed)
         rates[user] = recorded["learning_rate"]
         assert rates[user] == MODES["mail_reply"].learning_rate.for_examples(recorded["examples_trained"])
         model = load_adapter(base, installed)

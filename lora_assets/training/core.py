@@ -123,8 +123,7 @@ def _train_one(
         # A fresh LoRA is the base; a warm start is not, and DPO reports where it started.
         before = prepared.evaluate(model)[1] if prepared.metrics_before_training else {}
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, job.rate_factor)
+        optimizer, schedule = job.to_optimizer(params)
         stopping = EarlyStopping(
             job, lambda: prepared.validate(model),
             snapshot=lambda: [p.detach().clone() for p in params],

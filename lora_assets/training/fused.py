@@ -162,8 +162,7 @@ def train_fused(
             wrapped.layers[name].lora_a.append(a)
             wrapped.layers[name].lora_b.append(b)
             params.extend([a, b])
-        optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, job.rate_factor)
+        optimizer, schedule = job.to_optimizer(params)
         state.append(_Job(job, prepared, len(prepared.batches), optimizer, schedule, curve=[]))
         state[-1].stopping = _stopping(len(state) - 1, state[-1], base, wrapped)
     block_losses = training_for(jobs[0].objective).block_losses

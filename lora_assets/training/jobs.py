@@ -53,6 +53,14 @@ class TrainJob:
             return self.budget.max_steps
         return self.budget.steps(len(self.train), self.batch_size)
 
+    def to_optimizer(self, params: Sequence[Any]) -> tuple[Any, Any]:
+        """AdamW at ``learning_rate`` and its schedule (``rate_factor``), the same for both
+        training loops; step the schedule after each optimizer step (torch imported only here)."""
+        import torch
+
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=0.0)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.rate_factor)
+
     def rate_factor(self, step: int) -> float:
         """The share of ``learning_rate`` step ``step`` (from 0) trains at: linear from 1 to
         ``decay_to`` over the most steps the job may train, so where early stopping ends it
