@@ -13,12 +13,13 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 1. held-out loss of the base, the base with the author's K most similar training replies in the
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
 2. step budgets: the new default (a validation slice chooses the step, early stopping within
-   [min_steps, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples) against
+   [min_steps, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples, the
+   best step's weights averaged with its scored neighbours where that scores better) against
    the old default (2 epochs within [10, 120] at 1e-3) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
-   the slice's size; ``refit``: the step validation chose, retrained on every example) for
-   tuning; each variant's mean held-out loss minus the first variant's, with a 95 % interval
-   (held-out examples resampled per author);
+   the slice's size, ``noavg``: the best step alone; ``refit``: the step validation chose,
+   retrained on every example) for tuning; each variant's mean held-out loss minus the first
+   variant's, with a 95 % interval (held-out examples resampled per author);
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
 4. the paired gate: how often it refuses a retrain of the same data with another seed (should be
@@ -88,7 +89,8 @@ VARIANTS = {
     "lr1e-3": lambda job: replace(job, learning_rate=1e-3),
     "delta0": lambda job: replace(job, budget=replace(job.budget, min_improvement=0.0)),  # stop on no improvement only
     "decay": lambda job: replace(job, decay_to=0.1),  # the rate falls linearly to a tenth over the budget
-    "slice16": _smaller_slice,  # a validation slice of 10 %, at most 16 examples
+    "slice16": _smaller_slice,
+    "noavg": lambda job: replace(job, budget=replace(job.budget, average=False)),  # the best step alone, no averaging  # a validation slice of 10 %, at most 16 examples
     "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10)),
     "r8": lambda job: replace(job, lora=replace(job.lora, r=8, alpha=16)),
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),
@@ -202,7 +204,7 @@ def budgets_table(base, variants: dict[str, dict]) -> None:
         row = [a, len(job.train) + len(job.validation), first.base_eval_loss]
         for n in names:
             r = variants[n][a][1]
-            row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "")]
+            row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "") + (" avg" if r.averaged else "")]
         rows.append(row)
     show(rows, ["author", "train", "base", *[h for n in names for h in (n, "steps")]])
     reference = _per_example(base, variants[names[0]])  # scored once, compared with each other variant

@@ -57,7 +57,8 @@ class StepBudget:
     held-out set) the budget is chosen by validation: training runs to at most ``max_steps``,
     the slice is scored every ``eval_every`` steps from ``min_steps`` on, training stops after
     ``patience`` scores without an improvement of ``min_improvement`` nats, and the adapter of
-    the best scored step is kept.
+    the best scored step is kept, or (``average``) the mean of its weights and those of the
+    scored steps either side of it where that mean scores better on the slice.
     A user with 20 examples then trains as long as it helps, one with 1,000 stops when it stops
     improving (``benchmarks/personalization.py`` measured both against a formula). A user with
     too few examples for a slice of ``min_validation`` gets ``epochs`` passes over the data within
@@ -73,6 +74,7 @@ class StepBudget:
     validation_fraction: float = 0.15  # of the training examples, chosen by hashing their ids
     min_validation: int = 4  # fewer would be noise: no slice, the epochs formula decides
     max_validation: int = 32  # scoring more costs more than it tells
+    average: bool = True  # keep the mean of the best and its neighbouring scored steps if it scores better
 
     def steps(self, n_examples: int, batch_size: int) -> int:
         """The formula budget: ``epochs`` passes, within ``[min_steps, max_steps]``."""

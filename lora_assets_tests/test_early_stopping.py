@@ -4,6 +4,7 @@ kept at, on the sequential loop and in fused groups alike."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,12 +12,14 @@ import pytest
 from lora_assets.adapters import INCREMENTAL, TrainingPlan, job_for
 from lora_assets.lora_spec import StepBudget
 from lora_assets.modes import MODES, build_examples
-from lora_assets.training import train_adapters
-from lora_assets.training.core import evaluate_adapter
+from lora_assets.training import TrainJob, train_adapters
+from lora_assets.training.core import evaluate_adapter, read_adapter_metadata
+from lora_assets.training.early_stopping import EarlyStopping
 
 MAIL = MODES["mail_reply"]
-# Short scores so a tiny model at a high rate overfits inside the test's budget.
-BUDGET = StepBudget(min_steps=6, max_steps=60, eval_every=3, patience=2)
+# Short scores so a tiny model at a high rate overfits inside the test's budget; the best step
+# alone is kept (checkpoint averaging has its own tests below).
+BUDGET = StepBudget(min_steps=6, max_steps=60, eval_every=3, patience=2, average=False)
 
 
 def _job(tables, user, out, **kw):
@@ -91,3 +94,59 @@ def test_a_fused_group_stops_each_job_at_its_own_best_step(tiny_base, synthetic_
     for job, result in zip(jobs, fused):
         kept = evaluate_adapter(tiny_base, job.output_dir, job.validation)
         assert kept == pytest.approx(min(loss for _, loss in result.validation_curve), abs=1e-3)
+
+
+
+def _scripted(scores: list[float], average: bool) -> tuple[EarlyStopping, list[float]]:
+    """Early stopping driven by a scripted validation curve. Step s's "weights" are the number
+    s * s; after training, validation scores weights 0.1 plus their distance from ``AVERAGED``."""
+    budget = StepBudget(min_steps=1, max_steps=len(scores), eval_every=1, patience=9, average=average)
+    job = TrainJob("u/mail_reply", train=["x"], validation=["y"], output_dir=Path("unused"), max_steps=None, budget=budget)
+    weights, curve = [0.0], iter(scores)
+
+    def validate() -> float:
+        return next(curve, None) or 0.1 + abs(weights[0] - AVERAGED)
+
+    stopping = EarlyStopping(job, validate, snapshot=lambda: list(weights), restore=lambda w: weights.__setitem__(0, w[0]))
+    for step in range(1, len(scores) + 1):
+        weights[0] = float(step * step)
+        stopping.after_step(step)
+    return stopping, weights
+
+
+AVERAGED = (4 + 9 + 16) / 3  # steps 2, 3 and 4
+
+
+def test_checkpoint_averaging_keeps_the_mean_of_the_best_step_and_its_neighbours_when_it_scores_better():
+    assert MAIL.budget.average, "a mode's full trainings average by default"
+    stopping, weights = _scripted([0.9, 0.6, 0.5, 0.7, 0.8], average=True)
+    stopping.finish()
+    assert stopping.best_step == 3 and stopping.averaged
+    assert weights[0] == pytest.approx(AVERAGED), "the best scored step and the scored steps either side"
+
+    stopping, weights = _scripted([0.9, 0.6, 0.05, 0.7, 0.8], average=True)
+    stopping.finish()
+    assert not stopping.averaged and weights[0] == 9, "the mean scored worse than the best step: the best is kept"
+
+    stopping, weights = _scripted([0.9, 0.8, 0.7, 0.6, 0.5], average=True)
+    stopping.finish()
+    assert stopping.best_step == 5 and weights[0] == 25, "the last step, averaged with step 4 only, scored worse"
+
+    stopping, weights = _scripted([0.9, 0.6, 0.5, 0.7, 0.8], average=False)
+    stopping.finish()
+    assert not stopping.averaged and weights[0] == 9, "off when the budget says so"
+
+
+@pytest.mark.parametrize("fusion", ["sequential", "batched"])
+def test_an_averaged_adapter_is_saved_and_recorded_when_the_mean_beats_the_best_step(
+        tiny_base, synthetic_tables, stopped, tmp_path, fusion):
+    job, plain = stopped
+    averaged = replace(job, output_dir=tmp_path / "avg", budget=replace(BUDGET, average=True))
+    others = [_job(synthetic_tables, "user-001", tmp_path / "b")] if fusion == "batched" else []
+    result = train_adapters([averaged, *others], tiny_base, progress=None, fusion=fusion)[0]
+    if fusion == "sequential":
+        assert result.validation_curve == plain.validation_curve, "averaging changes nothing until the end"
+    assert result.averaged
+    kept = evaluate_adapter(tiny_base, averaged.output_dir, job.validation)
+    assert kept < min(loss for _, loss in result.validation_curve) - 1e-3, "the saved adapter is the better mean"
+    assert read_adapter_metadata(averaged.output_dir)["metrics"]["averaged"] is True

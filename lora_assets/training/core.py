@@ -167,6 +167,7 @@ def _train_one(
             extra_metrics={**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}},
             best_step=stopping.best_step,
             validation_curve=stopping.curve,
+            averaged=stopping.averaged,
         )
         _save_adapter(model, job, base, result)
         return result

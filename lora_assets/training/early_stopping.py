@@ -6,7 +6,9 @@ copy of the LoRA weights of the best score so far, and says when ``patience`` sc
 did not improve on it; ``finish`` puts the best weights back. Only steps from the budget's
 ``min_steps`` on are candidates, so a small user is never kept at an under-trained step. The
 step kept is the best scored one; training goes on only while scores improve by the budget's
-``min_improvement``, so a user already learned to a few thousandths of a nat stops.
+``min_improvement``, so a user already learned to a few thousandths of a nat stops. With the
+budget's ``average`` (the default), ``finish`` also scores the mean of the best step's weights and
+those of its scored neighbours, and keeps whichever scores better on the slice.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class EarlyStopping:
         self._best: Weights = None
         self._without_progress = 0
         self._last = 0
+        # With ``budget.average``: the weights of the scored steps either side of the best.
+        self._previous: Weights = None  # the last scored step's
+        self._before: Weights = None
+        self._after: Weights = None
+        self.averaged: bool = False  # whether the kept weights are the average (``finish``)
 
     def after_step(self, step: int) -> bool:
         """Score the slice if ``step`` is a scored one; True when training should stop now."""
@@ -45,9 +52,16 @@ class EarlyStopping:
         if loss is None:
             return False
         self.curve.append((step, loss))
+        average = self.job.budget.average
         if loss < self._best_loss:
             self._best_loss, self.best_step = loss, step
+            self._before, self._after = (self._previous if average else None), None
             self._best = self.snapshot()
+            self._previous = self._best if average else None
+        elif average:
+            self._previous = self.snapshot()
+            if self._after is None:
+                self._after = self._previous
         if loss < self._target:
             self._target, self._without_progress = loss - self.job.budget.min_improvement, 0
         else:
@@ -55,7 +69,23 @@ class EarlyStopping:
         return self._without_progress >= self.job.budget.patience
 
     def finish(self) -> None:
-        """Put the best scored step's weights back (nothing to do when that is the last step)."""
-        if self.best_step is not None and self.best_step != self._last:
+        """Put the best scored step's weights back (nothing to do when that is the last step).
+
+        With ``budget.average``, first try the mean of the best scored step's weights and those
+        of the scored steps either side of it, and keep that mean if it scores better on the
+        slice: checkpoints of a noisy trajectory average to a flatter point (as in SWA and
+        latest-weight averaging). LoRA's A and B are averaged each; for checkpoints 10 steps
+        apart the product of the means is near the mean of the products, and the slice decides.
+        """
+        neighbours = [w for w in (self._before, self._after) if w is not None]
+        if self._best is not None and neighbours:
+            members = [self._best, *neighbours]
+            self.restore([sum(ts) / len(members) for ts in zip(*members)])
+            loss = self.validate()
+            if loss is not None and loss < self._best_loss:
+                self._best_loss, self.averaged = loss, True
+            else:
+                self.restore(self._best)
+        elif self.best_step is not None and self.best_step != self._last:
             self.restore(self._best)
-        self._best = None
+        self._best = self._previous = self._before = self._after = None

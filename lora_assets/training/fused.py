@@ -281,6 +281,7 @@ def _finish(
         group_tokens_per_second=group_tokens / clock if clock else 0.0,
         best_step=s.stopping.best_step,
         validation_curve=s.stopping.curve,
+        averaged=s.stopping.averaged,
     )
     s.optimizer, s.schedule, s.prepared = None, None, None  # type: ignore[assignment]
     _save_through_peft(base, s.job, weights, result, on_trained, save)

@@ -97,6 +97,7 @@ class TrainResult:
     group_tokens_per_second: float | None = None  # tokens of the whole group / group_seconds
     best_step: int | None = None  # the step whose adapter was kept (early stopping); None: the last
     validation_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) as scored
+    averaged: bool = False  # the kept weights are the mean of the best scored step's and its neighbours'
 
     def timing(self) -> dict[str, Any]:
         """The timing figures that apply, under names that say whose they are."""
