@@ -89,8 +89,8 @@ VARIANTS = {
     "lr1e-3": lambda job: replace(job, learning_rate=1e-3),
     "delta0": lambda job: replace(job, budget=replace(job.budget, min_improvement=0.0)),  # stop on no improvement only
     "decay": lambda job: replace(job, decay_to=0.1),  # the rate falls linearly to a tenth over the budget
-    "slice16": _smaller_slice,
-    "noavg": lambda job: replace(job, budget=replace(job.budget, average=False)),  # the best step alone, no averaging  # a validation slice of 10 %, at most 16 examples
+    "slice16": _smaller_slice,  # a validation slice of 10 %, at most 16 examples
+    "noavg": lambda job: replace(job, budget=replace(job.budget, average=False)),  # the best step alone, no averaging
     "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10)),
     "r8": lambda job: replace(job, lora=replace(job.lora, r=8, alpha=16)),
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),

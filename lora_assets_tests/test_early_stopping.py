@@ -96,7 +96,6 @@ def test_a_fused_group_stops_each_job_at_its_own_best_step(tiny_base, synthetic_
         assert kept == pytest.approx(min(loss for _, loss in result.validation_curve), abs=1e-3)
 
 
-
 def _scripted(scores: list[float], average: bool) -> tuple[EarlyStopping, list[float]]:
     """Early stopping driven by a scripted validation curve. Step s's "weights" are the number
     s * s; after training, validation scores weights 0.1 plus their distance from ``AVERAGED``."""
