@@ -255,12 +255,13 @@ def gate_checks(base, trained: dict, reseeded: dict, label: str) -> None:
         other_ok = decide(base_scores.mean, theirs.mean, other_verdict, config, own.mean)[0]
         refused_seed += not seed_ok
         accepted_other += other_ok
-        rows.append([a, len(job.eval), own.mean, again.mean, f"{100 * seed_verdict.lower / own.mean:+.2f}%",
-                     "pass" if seed_ok else "REFUSED", other, theirs.mean, f"{100 * other_verdict.lower / own.mean:+.2f}%",
-                     "ACCEPTED" if other_ok else "refused"])
-    show(rows, ["user", "held-out", "published", "seed 1", "lower", "gate", "other's", "loss", "lower", "gate"])
-    print(f"  (lower: the {config.confidence:.0%} one-sided lower bound of the paired difference, % of the published "
-          f"loss; refused above {config.noise:.0%} and {config.noise_floor} nats)")
+        bounds = lambda v: f"{100 * v.lower / own.mean:+.2f}% {100 * v.upper / own.mean:+.2f}%"  # noqa: E731
+        rows.append([a, len(job.eval), own.mean, again.mean, bounds(seed_verdict), "pass" if seed_ok else "REFUSED",
+                     other, theirs.mean, bounds(other_verdict), "ACCEPTED" if other_ok else "refused"])
+    show(rows, ["user", "held-out", "published", "seed 1", "bounds", "gate", "other's", "loss", "bounds", "gate"])
+    print(f"  (bounds: the {config.confidence:.0%} one-sided lower and upper bounds of the paired difference, % of the "
+          f"published loss; refused when worse on the mean and the upper bound is above {config.noise:.0%} and "
+          f"{config.noise_floor} nats)")
     print(f"  {label}: paired gate at {config.confidence:.0%} refused {refused_seed}/{len(authors)} same-data "
           f"retrains with a new seed and accepted {accepted_other}/{len(authors)} adapters of another user", flush=True)
 

@@ -80,9 +80,9 @@ class Settings:
     drive_root: str = ""  # local backend: users' drives; empty means <home>/drive
     keep_versions: int = 3  # published versions kept per adapter
     gate_margin: float = 0.01  # publish only if held-out loss beats the base model's by this (nats)
-    gate_confidence: float = 0.95  # ... and is not worse than the published version's at this one-sided level (paired bootstrap); 1.0: never refused for that
-    gate_noise: float = 0.02  # ... by more than this fraction of its loss (what a reseeded retrain moves)
-    gate_noise_floor: float = 0.01  # ... and by more than this many nats (near-zero losses move by tiny amounts)
+    gate_confidence: float = 0.95  # ... and, if worse than the published version on the mean, within the allowance at this one-sided level (paired bootstrap); 1.0: never refused for that
+    gate_noise: float = 0.02  # the allowance: this fraction of the published loss (what a reseeded retrain moves) ...
+    gate_noise_floor: float = 0.01  # ... or this many nats, whichever is larger (near-zero losses move by tiny amounts)
     gate_retrieval_k: int = 2  # the retrieval baseline shows this many of the user's similar examples; 0: not scored
     gate_require_retrieval: bool = False  # publish only adapters that beat the retrieval baseline
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget

@@ -294,12 +294,29 @@ def test_gate_decision():
     assert learned.worse(0.02 * 0.0037), "a reseeded retrain of a learned user: worse by more than 2 %..."
     assert decide(3.0, 0.005, learned, strict, published_loss=0.0037)[0], "... but by less than the floor in nats"
     assert not decide(3.0, 0.005, learned, replace(strict, noise_floor=0.0), published_loss=0.0037)[0]
-    noise = paired(Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), Scores([1.9, 2.0, 1.8, 2.0], [1] * 4), 0.95)
-    assert not noise.worse() and decide(3.0, 1.95, noise, strict, published_loss=1.925)[0], "a tie is published"
     assert not paired(Scores([2.2] * 4, [1] * 4), Scores([1.9] * 4, [1] * 4), 1.0).worse(), "confidence 1: never refused"
+    assert decide(3.0, 2.2, worse, replace(strict, confidence=1.0), published_loss=1.9)[0]
     assert not decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=1.9)[0]
     assert decide(3.0, 2.0, None, GateConfig(0.1, require_retrieval=True), retrieval_loss=2.1)[0]
     assert decide(None, None, None, strict) == (False, "no held-out examples to evaluate on")
+
+
+def test_a_candidate_worse_on_the_mean_passes_only_when_shown_within_the_allowance():
+    config, published = GateConfig(margin=0.1), [1.9, 2.0, 1.8, 2.0]  # published loss 1.925: allowance 0.0385
+    # Worse by 0.01 on the mean, and example by example like the published version (a reseed).
+    agrees = paired(Scores([1.91, 2.01, 1.81, 2.01], [1] * 4), Scores(published, [1] * 4), 0.95)
+    assert agrees.difference > 0 and agrees.within(0.0385) and decide(3.0, 1.935, agrees, config, 1.925)[0]
+    # Worse by 0.025 on the mean (inside the allowance, not worse with confidence), but unlike the
+    # published version example by example (another user's data): nothing says it is within 2 %.
+    unlike = paired(Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), Scores(published, [1] * 4), 0.95)
+    assert 0 < unlike.difference < 0.0385 and not unlike.worse(0.0385) and not unlike.within(0.0385)
+    passed, reason = decide(3.0, 1.95, unlike, config, 1.925)
+    assert not passed and "on the mean and not within 2% (and 0.01 nats) of it with 95% confidence" in reason
+    assert "upper bound" in reason
+    # Better on the mean: published however unlike (the published version is no better on these examples).
+    better = paired(Scores(published, [1] * 4), Scores([2.0, 1.8, 2.1, 1.9], [1] * 4), 0.95)
+    assert better.difference < 0 and decide(3.0, 1.925, better, config, 1.95)[0]
+    assert decide(3.0, 1.95, unlike, replace(config, confidence=1.0), 1.925)[0], "confidence 1: never refused"
 
 
 def test_the_paired_difference_weighs_examples_by_their_tokens():

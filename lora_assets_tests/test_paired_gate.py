@@ -10,7 +10,7 @@ import pytest
 
 from lora_assets.adapters import job_for
 from lora_assets.drive.publish import publish_adapter
-from lora_assets.gate import GateConfig, evaluate_gate, read_gate
+from lora_assets.gate import GateConfig, allowed, evaluate_gate, read_gate
 from lora_assets.modes import MODES, build_examples
 from lora_assets.settings import Settings
 from lora_assets.storage import LocalObjectStore
@@ -46,6 +46,8 @@ def test_a_retrain_of_the_same_data_with_a_new_seed_is_published(tiny_base, publ
     assert gate.published_version is not None and gate.vs_published is not None, "compared with what devices run"
     assert gate.passed, gate.reason
     assert gate.vs_published.lower <= 0 <= gate.vs_published.upper or gate.vs_published.upper < 0
+    # It agrees with the published adapter example by example: shown within the allowance.
+    assert gate.vs_published.within(allowed(GateConfig(), gate.published_eval_loss)), gate.vs_published
     assert read_gate(out / "reseeded") == gate
 
 

@@ -23,7 +23,8 @@ def gate_metadata(gate) -> dict[str, Any]:
         "noise": gate.noise,
         "noise_floor": gate.noise_floor,
         **({"vs_published": _r(gate.vs_published.difference),
-            "vs_published_lower": _r(gate.vs_published.lower)} if gate.vs_published else {}),
+            "vs_published_lower": _r(gate.vs_published.lower),
+            "vs_published_upper": _r(gate.vs_published.upper)} if gate.vs_published else {}),
     }
 
 
