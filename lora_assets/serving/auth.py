@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_assets.data.user_store import validate_user_id
-from lora_assets.storage import storage_errors
+from lora_assets.storage import S3ObjectStore, storage_errors, validate_key
 
 TOKEN_PREFIX = "la-"
 
@@ -71,30 +71,28 @@ class LocalTokens:
 
 
 class S3Tokens:
-    """The token file as an S3 object (``s3://bucket/key``): one place for every serving replica."""
+    """The token file as an S3 object (``s3://bucket/key``): one place for every serving replica.
+    Read and written through ``S3ObjectStore``, which knows what S3 answers for a missing object."""
 
     def __init__(self, client: Any, url: str) -> None:
         bucket, _, key = url.removeprefix("s3://").partition("/")
-        if not bucket or not key:
+        try:
+            self.store, self.key = S3ObjectStore(client, bucket), validate_key(key)
+        except ValueError:
+            raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key") from None
+        if not bucket:
             raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key")
-        self.client, self.bucket, self.key, self.name = client, bucket, key, url
+        self.name = url
 
     def stamp(self) -> object:
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.key)["ETag"]
-        except self.client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        return self.store.etag(self.key)
 
     def read(self) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            return None
+        found = self.store.get_with_etag(self.key)
+        return found[0] if found else None
 
     def write(self, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data)
+        self.store.put(self.key, data)
 
 
 TokenSource = LocalTokens | S3Tokens
