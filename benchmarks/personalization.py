@@ -23,8 +23,10 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
 4. the paired gate: how often it refuses a retrain of the same data with another seed (should be
-   rare) and how often it accepts another author's adapter in place of the author's own (should
-   be never); the same on ``--synthetic`` synthetic users.
+   rare), how often it accepts another author's adapter in place of the author's own (should be
+   never), and how often it refuses the adapter of all examples where one trained on a fifth
+   fewer is published (an update as the user's data grows: should be rare); the same on
+   ``--synthetic`` synthetic users.
 
 Prints figures only; the README records them with the date.
 """
@@ -83,6 +85,8 @@ VARIANTS = {
     "old": lambda job: replace(_all_train(job), budget=OLD_BUDGET, learning_rate=OLD_RATE),
     "fixed30": lambda job: replace(_all_train(job), max_steps=30, learning_rate=OLD_RATE),
     "seed1": lambda job: replace(job, seed=1),
+    # What the user had before a fifth of their training examples (the last by id) arrived.
+    "earlier": lambda job: replace(job, train=job.train[: len(job.train) - len(job.train) // 5]),
     "lr5e-4": lambda job: replace(job, learning_rate=5e-4),
     "lr2e-3": lambda job: replace(job, learning_rate=2e-3),
     "lr3e-4": lambda job: replace(job, learning_rate=3e-4),  # the default before the rate rose with examples
@@ -237,11 +241,12 @@ def attribution(base, trained: dict, per_author: int) -> None:
           f"own vs mean other: {statistics.mean(gaps):.4f} nats better (min {min(gaps):.4f})", flush=True)
 
 
-def gate_checks(base, trained: dict, reseeded: dict, label: str) -> None:
-    """Same data, new seed: refused? Another author's adapter in place of the own: accepted?"""
+def gate_checks(base, trained: dict, reseeded: dict, label: str, earlier: dict | None = None) -> None:
+    """Same data, new seed: refused? Another author's adapter in place of the own: accepted? And
+    with ``earlier`` (adapters of a fifth fewer examples published): the update to all refused?"""
     config = GateConfig()
     authors = list(trained)
-    refused_seed, accepted_other, rows = 0, 0, []
+    refused_seed, accepted_other, refused_update, rows = 0, 0, 0, []
     for i, a in enumerate(authors):
         job = trained[a][0]
         own = SFT.scores(base, job.output_dir, job)
@@ -258,12 +263,22 @@ def gate_checks(base, trained: dict, reseeded: dict, label: str) -> None:
         bounds = lambda v: f"{100 * v.lower / own.mean:+.2f}% {100 * v.upper / own.mean:+.2f}%"  # noqa: E731
         rows.append([a, len(job.eval), own.mean, again.mean, bounds(seed_verdict), "pass" if seed_ok else "REFUSED",
                      other, theirs.mean, bounds(other_verdict), "ACCEPTED" if other_ok else "refused"])
-    show(rows, ["user", "held-out", "published", "seed 1", "bounds", "gate", "other's", "loss", "bounds", "gate"])
+        if earlier is not None:  # the earlier adapter published, the own (all examples) the candidate
+            before = SFT.scores(base, earlier[a][0].output_dir, job)
+            update = paired(own, before, config.confidence)
+            update_ok = decide(base_scores.mean, own.mean, update, config, before.mean)[0]
+            refused_update += not update_ok
+            rows[-1] += [before.mean, f"{100 * update.lower / before.mean:+.2f}% {100 * update.upper / before.mean:+.2f}%",
+                         "pass" if update_ok else "REFUSED"]
+    show(rows, ["user", "held-out", "published", "seed 1", "bounds", "gate", "other's", "loss", "bounds", "gate",
+                *(["earlier", "update bounds", "gate"] if earlier is not None else [])])
     print(f"  (bounds: the {config.confidence:.0%} one-sided lower and upper bounds of the paired difference, % of the "
           f"published loss; refused when worse on the mean and the upper bound is above {config.noise:.0%} and "
           f"{config.noise_floor} nats)")
     print(f"  {label}: paired gate at {config.confidence:.0%} refused {refused_seed}/{len(authors)} same-data "
-          f"retrains with a new seed and accepted {accepted_other}/{len(authors)} adapters of another user", flush=True)
+          f"retrains with a new seed and accepted {accepted_other}/{len(authors)} adapters of another user"
+          + (f"; refused {refused_update}/{len(authors)} updates of an adapter trained on a fifth fewer examples"
+             if earlier is not None else ""), flush=True)
 
 
 def main() -> None:
@@ -311,7 +326,8 @@ def main() -> None:
         if args.sweep:
             return
         print("\npaired gate on the corpus")
-        gate_checks(base, trained, train_variant(base, "seed1", datasets, out), "corpus")
+        gate_checks(base, trained, train_variant(base, "seed1", datasets, out), "corpus",
+                    train_variant(base, "earlier", datasets, out))
         if args.synthetic:
             synthetic_gate(base, args.synthetic, out / "synthetic")
 
@@ -320,7 +336,8 @@ def synthetic_gate(base, users: int, out: Path) -> None:
     synthetic = {f"user-{i:03d}": build_examples(MODE, generate_user(f"user-{i:03d}")) for i in range(users)}
     own = train_variant(base, "new", synthetic, out)
     print("\npaired gate on synthetic users")
-    gate_checks(base, own, train_variant(base, "seed1", synthetic, out), "synthetic")
+    gate_checks(base, own, train_variant(base, "seed1", synthetic, out), "synthetic",
+                train_variant(base, "earlier", synthetic, out))
 
 
 if __name__ == "__main__":
