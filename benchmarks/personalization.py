@@ -241,6 +241,11 @@ def attribution(base, trained: dict, per_author: int) -> None:
           f"own vs mean other: {statistics.mean(gaps):.4f} nats better (min {min(gaps):.4f})", flush=True)
 
 
+def _bounds(verdict, published: float) -> str:
+    """A paired verdict's lower and upper bounds in % of the published loss."""
+    return f"{100 * verdict.lower / published:+.2f}% {100 * verdict.upper / published:+.2f}%"
+
+
 def gate_checks(base, trained: dict, reseeded: dict, label: str, earlier: dict | None = None) -> None:
     """Same data, new seed: refused? Another author's adapter in place of the own: accepted? And
     with ``earlier`` (adapters of a fifth fewer examples published): the update to all refused?"""
@@ -260,16 +265,15 @@ def gate_checks(base, trained: dict, reseeded: dict, label: str, earlier: dict |
         other_ok = decide(base_scores.mean, theirs.mean, other_verdict, config, own.mean)[0]
         refused_seed += not seed_ok
         accepted_other += other_ok
-        bounds = lambda v: f"{100 * v.lower / own.mean:+.2f}% {100 * v.upper / own.mean:+.2f}%"  # noqa: E731
-        rows.append([a, len(job.eval), own.mean, again.mean, bounds(seed_verdict), "pass" if seed_ok else "REFUSED",
-                     other, theirs.mean, bounds(other_verdict), "ACCEPTED" if other_ok else "refused"])
+        rows.append([a, len(job.eval), own.mean, again.mean, _bounds(seed_verdict, own.mean),
+                     "pass" if seed_ok else "REFUSED", other, theirs.mean, _bounds(other_verdict, own.mean),
+                     "ACCEPTED" if other_ok else "refused"])
         if earlier is not None:  # the earlier adapter published, the own (all examples) the candidate
             before = SFT.scores(base, earlier[a][0].output_dir, job)
             update = paired(own, before, config.confidence)
             update_ok = decide(base_scores.mean, own.mean, update, config, before.mean)[0]
             refused_update += not update_ok
-            rows[-1] += [before.mean, f"{100 * update.lower / before.mean:+.2f}% {100 * update.upper / before.mean:+.2f}%",
-                         "pass" if update_ok else "REFUSED"]
+            rows[-1] += [before.mean, _bounds(update, before.mean), "pass" if update_ok else "REFUSED"]
     show(rows, ["user", "held-out", "published", "seed 1", "bounds", "gate", "other's", "loss", "bounds", "gate",
                 *(["earlier", "update bounds", "gate"] if earlier is not None else [])])
     print(f"  (bounds: the {config.confidence:.0%} one-sided lower and upper bounds of the paired difference, % of the "

@@ -77,12 +77,12 @@ class S3Tokens:
     def __init__(self, client: Any, url: str) -> None:
         bucket, _, key = url.removeprefix("s3://").partition("/")
         try:
-            self.store, self.key = S3ObjectStore(client, bucket), validate_key(key)
+            if not bucket:
+                raise ValueError
+            self.key = validate_key(key)
         except ValueError:
             raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key") from None
-        if not bucket:
-            raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key")
-        self.name = url
+        self.store, self.name = S3ObjectStore(client, bucket), url
 
     def stamp(self) -> object:
         return self.store.etag(self.key)
