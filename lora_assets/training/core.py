@@ -168,6 +168,7 @@ def _train_one(
             best_step=stopping.best_step,
             validation_curve=stopping.curve,
             averaged=stopping.averaged,
+            validation_loss=stopping.kept_loss,
         )
         _save_adapter(model, job, base, result)
         return result

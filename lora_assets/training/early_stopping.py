@@ -43,6 +43,11 @@ class EarlyStopping:
         self._after: Weights = None
         self.averaged: bool = False  # whether the kept weights are the average (``finish``)
 
+    @property
+    def kept_loss(self) -> float | None:
+        """The slice's score of the weights kept: the best step's, or their mean's (``finish``)."""
+        return None if self.best_step is None else self._best_loss
+
     def after_step(self, step: int) -> bool:
         """Score the slice if ``step`` is a scored one; True when training should stop now."""
         self._last = step

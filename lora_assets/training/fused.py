@@ -282,6 +282,7 @@ def _finish(
         best_step=s.stopping.best_step,
         validation_curve=s.stopping.curve,
         averaged=s.stopping.averaged,
+        validation_loss=s.stopping.kept_loss,
     )
     s.optimizer, s.schedule, s.prepared = None, None, None  # type: ignore[assignment]
     _save_through_peft(base, s.job, weights, result, on_trained, save)

@@ -98,6 +98,7 @@ class TrainResult:
     best_step: int | None = None  # the step whose adapter was kept (early stopping); None: the last
     validation_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) as scored
     averaged: bool = False  # the kept weights are the mean of the best scored step's and its neighbours'
+    validation_loss: float | None = None  # the validation slice's score of the kept weights
 
     def timing(self) -> dict[str, Any]:
         """The timing figures that apply, under names that say whose they are."""
