@@ -4,7 +4,7 @@
 FROM python:3.11-slim-bookworm
 
 WORKDIR /opt/lora_assets
-COPY pyproject.toml README.md workspace.yaml dagster.yaml ./
+COPY pyproject.toml constraints.txt README.md workspace.yaml dagster.yaml ./
 COPY scripts ./scripts
 COPY deploy ./deploy
 COPY lora_assets ./lora_assets

