@@ -168,7 +168,8 @@ def test_an_averaged_adapter_is_saved_and_recorded_when_the_mean_beats_the_best_
         else:
             assert result.validation_loss == best, f"{job.name}: the best step, the mean scored worse"
         kept = evaluate_adapter(tiny_base, job.output_dir, job.validation)
-        assert kept == pytest.approx(result.validation_loss, abs=1e-4), f"{job.name}: what was saved is what scored"
+        tolerance = 1e-4 if fusion == "sequential" else 1e-3  # a fused group scores in padded batches
+        assert kept == pytest.approx(result.validation_loss, abs=tolerance), f"{job.name}: what was saved is what scored"
         metrics = read_adapter_metadata(job.output_dir)["metrics"]
         assert (metrics["averaged"], metrics["validation_loss"]) == (result.averaged, result.validation_loss)
     assert any(r.averaged for r in results), "a noisy trajectory's mean scores better somewhere"
