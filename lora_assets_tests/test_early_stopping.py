@@ -48,6 +48,24 @@ def test_a_full_training_sets_aside_a_validation_slice_of_its_training_examples(
     assert not fixed.validation and not fixed.early_stopping, "a fixed step count trains on every example"
 
 
+def test_a_user_too_small_for_a_slice_trains_the_formulas_30_steps_and_a_sliced_one_may_keep_step_10(
+    synthetic_tables, tmp_path
+):
+    """The two floors of the default budget: with nothing to tell when it stops improving, a
+    small user trains at least ``min_steps``; with a slice, validation may keep ``first_kept``."""
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
+    sliced = job_for(MAIL, "user-000", dataset, tmp_path)
+    assert sliced.early_stopping and sliced.steps == MAIL.budget.max_steps
+    scored = [s for s in range(1, sliced.steps + 1) if sliced.budget.scored(s, sliced.steps)]
+    assert scored[:3] == [10, 20, 30]
+
+    train = dataset[dataset.split == "train"]
+    small = pd.concat([train.head(20), dataset[dataset.split == "eval"]])  # 20 x 15 % = 3: no slice of 4
+    unsliced = job_for(MAIL, "user-000", small, tmp_path)
+    assert not unsliced.validation and not unsliced.early_stopping
+    assert unsliced.steps == 30, "2 epochs of 20 examples is 5 steps: the floor holds"
+
+
 def test_a_full_trainings_learning_rate_rises_with_the_users_examples_and_an_update_keeps_its_own(
         synthetic_tables, tmp_path):
     dataset = build_examples(MAIL, synthetic_tables["user-000"])
