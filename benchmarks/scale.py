@@ -148,8 +148,12 @@ def copy_state(state, template_users: list[str], n: int) -> None:
 
 def copy_runs(instance, run_ids: list[str], copies: int) -> None:
     """``copies`` copies of each template run: run row, tags, event-log rows, check executions."""
-    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable, SqlEventLogStorageTable
-    from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
+    from lora_assets.orchestration.internals import (
+        AssetCheckExecutionsTable,
+        RunsTable,
+        RunTagsTable,
+        SqlEventLogStorageTable,
+    )
 
     E, C, R, T = SqlEventLogStorageTable, AssetCheckExecutionsTable, RunsTable, RunTagsTable
     storage = instance.event_log_storage
@@ -185,7 +189,7 @@ def event_log_per_adapter(instance, run_ids: list[str], adapters: int) -> tuple[
     """(rows, bytes of event JSON) the template's runs wrote, per adapter they trained: every
     event of the runs, read from each run's own storage (SQLite keeps a database per run, and
     copies asset events into its index; Postgres has one table)."""
-    from dagster._core.storage.event_log.schema import SqlEventLogStorageTable as E
+    from lora_assets.orchestration.internals import SqlEventLogStorageTable as E
 
     rows = size = 0
     for run_id in run_ids:
@@ -258,8 +262,7 @@ def run(args, postgres_url: str | None) -> int:
 
 
 def measure(instance, res, settings, results: list, n: int) -> None:
-    from dagster._core.test_utils import in_process_test_workspace
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from lora_assets.orchestration.internals import LoadableTargetOrigin, in_process_test_workspace
     from dagster_graphql.test.utils import execute_dagster_graphql
 
     from lora_assets.data.ingest import ingest

@@ -17,13 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus
-from dagster._core.instance.ref import InstanceRef
-from dagster._core.scheduler.instigation import InstigatorType, TickStatus
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.data.ingest import ingest
 from lora_assets.modes import modes_reading
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
+from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES, InstanceRef, InstigatorType, TickStatus
 from lora_assets.orchestration.registry import backfill_requests
 from lora_assets.settings import Settings
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -238,3 +239,25 @@ def test_eval_gate_failures_publish_nothing_and_the_published_step_publishes_wha
     pointer, _ = read_current(drive, "user-000", "tiny-llama", "search_suggest")
     assert pointer["version"] == LoraAssetsHome(home=str(data)).state().rows(
         "search_suggest", "tiny-llama", ["user-000"])["user-000"]["published_version"]
+
+
+def _dagster_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of dagster or a dagster library in one source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [(node.lineno, n) for n in names if n.split(".")[0].startswith("dagster")]
+    return found
+
+
+def test_only_the_dagster_layer_imports_dagster_and_only_internals_imports_its_private_modules():
+    package = Path(__file__).parents[1] / "lora_assets"
+    files = sorted(package.rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    outside = [f"{p.relative_to(package.parent)}:{line} {m}" for p in package.rglob("*.py")
+               for line, m in _dagster_imports(p)
+               if "orchestration" not in p.parts and p.name != "definitions.py"]
+    private = [f"{p.relative_to(package.parent)}:{line} {m}" for p in files for line, m in _dagster_imports(p)
+               if any(part.startswith("_") for part in m.split(".")[1:]) and p.name != "internals.py"]
+    assert outside == [], "the training core, data, serving and drive layers import no dagster"
+    assert private == [], "private dagster modules are imported only by lora_assets/orchestration/internals.py"

@@ -343,7 +343,7 @@ def test_a_deleted_record_is_gone_from_every_file_event_and_version(daemon, tiny
     no more than the base model does."""
     import random
 
-    from dagster._serdes import serialize_value
+    from dagster import serialize_value
 
     from lora_assets.data.synthetic import generate_user
     from lora_assets.drive.publish import adapter_prefix, list_versions, read_current

@@ -106,8 +106,7 @@ def test_the_ecs_launcher_starts_dataset_runs_on_the_cpu_worker_and_training_on_
     import sys
 
     from dagster import instance_for_test
-    from dagster._core.test_utils import in_process_test_workspace
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from lora_assets.orchestration.internals import LoadableTargetOrigin, in_process_test_workspace
 
     from lora_assets.definitions import defs
     from lora_assets.orchestration.assets import adapter_key
@@ -191,7 +190,7 @@ def _camel_to_snake(value):
 
 
 def test_helm_values_render_the_k8s_instance_and_the_settings_configmap_is_complete(monkeypatch):
-    from dagster._config import process_config
+    from lora_assets.orchestration.internals import process_config
     from dagster_k8s import K8sRunLauncher
 
     values = yaml.safe_load((K8S / "values.yaml").read_text())

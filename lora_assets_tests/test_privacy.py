@@ -131,7 +131,7 @@ def test_forget_erases_a_user_everywhere_and_nothing_of_anyone_else(two_users, m
     assert not res.state().is_registered("alice")
     dead = [payload for _i, payload, _e in feed.dead_letters()]
     assert len(dead) == 1 and "\"bob\"" in dead[0] and feed.pending_count() == 3  # bob's 3 events stay
-    from dagster._serdes import serialize_value
+    from dagster import serialize_value
 
     for run in instance.get_runs():  # the shared runs keep bob's events and lose every one of alice's
         events = [serialize_value(entry) for entry in instance.all_logs(run.run_id)]

@@ -115,7 +115,7 @@ def test_prune_drops_old_history_and_old_finished_runs_and_keeps_what_is_current
     import time
 
     from dagster import DagsterRunStatus
-    from dagster._core.test_utils import create_run_for_test
+    from lora_assets.orchestration.internals import create_run_for_test
 
     from lora_assets.state_schema import history
 

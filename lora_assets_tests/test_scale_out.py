@@ -299,7 +299,7 @@ def test_a_worker_with_an_empty_data_dir_trains_on_a_base_model_registered_by_an
     import shutil
 
     from dagster import DagsterInstance
-    from dagster._core.instance.ref import InstanceRef
+    from lora_assets.orchestration.internals import InstanceRef
 
     from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
     from lora_assets.training import read_adapter_metadata
@@ -347,8 +347,7 @@ def test_a_worker_with_an_empty_data_dir_trains_on_a_base_model_registered_by_an
 def test_production_instance_configs_parse(flavour, launcher, monkeypatch):
     import importlib
 
-    from dagster._config import process_config
-    from dagster._core.instance.config import dagster_instance_config
+    from lora_assets.orchestration.internals import dagster_instance_config, process_config
 
     env = {
         "DAGSTER_PG_HOST": "db", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "x",

@@ -8,12 +8,12 @@ import json
 import pytest
 import sqlalchemy as sa
 from dagster import DagsterRunStatus, instance_for_test
-from dagster._core.test_utils import create_run_for_test
 
 from lora_assets.data.change_feed import ChangeEvent
 from lora_assets.data.ingest import ingest
 from lora_assets.definitions import defs
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
+from lora_assets.orchestration.internals import create_run_for_test
 from lora_assets.orchestration.registry import set_base_model_retired
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import run_dataset_batch

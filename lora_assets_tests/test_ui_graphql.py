@@ -21,13 +21,15 @@ from typing import Any
 
 import pytest
 from dagster import AssetKey, instance_for_test
-from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
-from dagster._core.test_utils import in_process_test_workspace
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster_graphql.client.query import LAUNCH_PIPELINE_EXECUTION_MUTATION
 from dagster_graphql.test.utils import execute_dagster_graphql, infer_job_selector
 
 from lora_assets.data.ingest import ingest
+from lora_assets.orchestration.internals import (
+    IMPLICIT_ASSET_JOB_NAME,
+    LoadableTargetOrigin,
+    in_process_test_workspace,
+)
 from lora_assets.orchestration.partitions import adapter_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch

@@ -24,13 +24,12 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as db
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, DagsterRun
-from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.erasure import Erased, erase_user_data, remaining_user_data
 from lora_assets.orchestration.batches import USERS_TAG, batch_users
+from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES, SqlEventLogStorageTable
 from lora_assets.orchestration.registry import mark_forgotten
 from lora_assets.settings import Settings
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dagster import AssetCheckKey, DagsterInstance
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from dagster._core.storage.event_log.base import PartitionKeyFilter
 
 from lora_assets.modes import MODES
+from lora_assets.orchestration.internals import AssetCheckExecutionRecordStatus, PartitionKeyFilter
 from lora_assets.orchestration.keys import GATE_CHECK, adapter_key, dataset_key, published_key
 from lora_assets.orchestration.partitions import LEGACY_USERS_PARTITIONS, legacy_adapter_partition
 from lora_assets.orchestration.recording import latest_materializations

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dagster import DagsterEventType, DagsterInstance
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
+from dagster import DagsterEventType, DagsterInstance, DagsterRun
 
+from lora_assets.orchestration.internals import should_retry
 from lora_assets.orchestration.keys import (
     ATTEMPT_TAG,
     PERMANENT_FAILURES,

@@ -25,12 +25,24 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, OpExecutionContext
-from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationPlanned
-from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
-from dagster._core.definitions.partitions.definition import PartitionsDefinition
-from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent, DagsterEventType
+from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    AssetMaterialization,
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    OpExecutionContext,
+    PartitionsDefinition,
+)
 
+from lora_assets.orchestration.internals import (
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+    AssetCheckEvaluationPlanned,
+    AssetCheckEvaluationTargetMaterializationData,
+    AssetMaterializationPlannedData,
+)
 from lora_assets.orchestration.keys import adapter_key, published_key
 
 Slot = tuple[AssetKey, str | None]  # an asset and its partition (a base model) or None
@@ -147,10 +159,6 @@ def gate_evaluation(summary: Summary, adapter: AssetKey, check_name: str, partit
     """The run's ``eval_gate`` verdict on one mode and base model: passed when no adapter failed
     its gate; how many passed and failed in the metadata (which users: ``lora-assets status``).
     ``target``: the materialization record it judged (the UI links the two)."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationTargetMaterializationData,
-    )
-
     counts = summary.counts[(adapter, partition)]
     failed, unfinished = counts.get("gate_failed", 0), summary.not_gated(adapter, partition)
     words = [f"{failed} adapter(s) did not pass; their devices keep the published version "

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 
 from dagster import DagsterInstance, RunsFilter
-from dagster._core.storage.dagster_run import FINISHED_STATUSES
+
+from lora_assets.orchestration.internals import FINISHED_STATUSES
 
 PAGE = 500
 

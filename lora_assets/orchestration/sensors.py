@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from dagster import (
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -39,7 +40,6 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, DagsterRun
 
 from lora_assets.data.schemas import InvalidRecord, schema_for
 from lora_assets.data.user_store import validate_user_id
@@ -52,6 +52,7 @@ from lora_assets.orchestration.batches import (
     adapter_batch_job,
     dataset_batch_job,
 )
+from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES
 from lora_assets.orchestration.keys import TRIGGER_TAG
 from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from lora_assets.modes import MODES
 from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, batch_users
+from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES
 from lora_assets.orchestration.keys import ATTEMPT_TAG, RETRY_OF_TAG, RETRY_REASON_TAG
 from lora_assets.orchestration.registry import active_base_models
 from lora_assets.state import REASONS, STATES

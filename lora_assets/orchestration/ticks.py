@@ -11,8 +11,8 @@ from dagster import (
     build_sensor_context,
     partition_loading_context,
 )
-from dagster._core.definitions.sensor_definition import SensorExecutionData
 
+from lora_assets.orchestration.internals import SensorExecutionData
 from lora_assets.orchestration.resources import LoraAssetsHome
 
 
