@@ -39,6 +39,7 @@ ENV_VARS: dict[str, str] = {
     "gate_require_retrieval": "LORA_ASSETS_GATE_REQUIRE_RETRIEVAL",
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
     "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
+    "sensor_interval_s": "LORA_ASSETS_SENSOR_INTERVAL_S",
     "fuse": "LORA_ASSETS_FUSE",
     "fusion": "LORA_ASSETS_FUSION",
     "device": "LORA_ASSETS_DEVICE",
@@ -87,6 +88,7 @@ class Settings:
     gate_require_retrieval: bool = False  # publish only adapters that beat the retrieval baseline
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
     users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
+    sensor_interval_s: int = 5  # seconds between a sensor's ticks (read when the code location loads)
     fuse: int = 8  # at most this many adapters in one fused group (where the training variant fuses)
     fusion: str = "auto"  # training variant: auto (batched on a GPU, sequential on a CPU), sequential, interleaved, batched
     device: str = "auto"  # where training runs: auto (CUDA if present), cpu, cuda
@@ -133,6 +135,17 @@ class Settings:
         settings.validate()
         return settings
 
+    @classmethod
+    def one_from_env(cls, name: str, env: Mapping[str, str] | None = None) -> Any:
+        """One setting, from the environment or its default, without building the others (no
+        data dir is created): for what a Dagster definition needs when the code location loads."""
+        f = next(f for f in fields(cls) if f.name == name)
+        raw = (os.environ if env is None else env).get(ENV_VARS[name], "")
+        value = f.default if raw == "" else _parse(f, raw)
+        if isinstance(value, (int, float)) and name in _AT_LEAST_ONE and value < 1:
+            raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {value}")
+        return value
+
     def validate(self) -> None:
         if self.backend not in ("local", "s3"):
             raise ValueError(f"LORA_ASSETS_BACKEND must be 'local' or 's3', not {self.backend!r}")
@@ -149,10 +162,7 @@ class Settings:
                 raise ValueError(f"{ENV_VARS[name]} must be >= 0, not {getattr(self, name)}")
         if self.gate_retrieval_k < 0:
             raise ValueError(f"{ENV_VARS['gate_retrieval_k']} must be >= 0, not {self.gate_retrieval_k}")
-        for name in ("users_per_run", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
-                     "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s",
-                     "serve_max_adapters", "serve_max_batch", "serve_max_concurrent", "serve_max_tokens",
-                     "serve_max_context"):
+        for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
 
@@ -262,6 +272,11 @@ def _dagster_postgres_url() -> str:
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; dagster-postgres ships psycopg2.
     return (f"postgresql+psycopg2://{auth}@{env['DAGSTER_PG_HOST']}:{env.get('DAGSTER_PG_PORT', '5432')}"
             f"/{env.get('DAGSTER_PG_DB', 'dagster')}")
+
+
+_AT_LEAST_ONE = ("users_per_run", "sensor_interval_s", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
+                 "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s", "serve_max_adapters",
+                 "serve_max_batch", "serve_max_concurrent", "serve_max_tokens", "serve_max_context")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

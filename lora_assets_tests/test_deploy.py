@@ -197,7 +197,7 @@ def test_helm_values_render_the_k8s_instance_and_the_settings_configmap_is_compl
     instance = yaml.safe_load((K8S / "dagster.yaml").read_text())
     configmap = yaml.safe_load((K8S / "settings-configmap.yaml").read_text())
 
-    assert set(configmap["data"]) == set(ENV_VARS.values()) | {"LORA_ASSETS_SENSOR_INTERVAL_S"}
+    assert set(configmap["data"]) == set(ENV_VARS.values())
     assert all(configmap["data"][k] for k in REQUIRED_SETTINGS), "required settings have values"
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "lora_assets.definitions"]

@@ -4,6 +4,9 @@ retraining, and requesting again what a failed or killed run did not finish."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
@@ -327,3 +330,15 @@ def test_a_backfill_keeps_each_training_slot_busy_with_one_run_waiting_behind_it
         assert len(tick.run_requests) == slots, "one run waiting behind each running one, whatever the slots"
         assert all(r.tags["lora_assets/trigger"] == "backfill" and r.tags["dagster/max_runtime"] == "900"
                    for r in tick.run_requests)
+
+
+@pytest.mark.parametrize("value, expected", [("7", "interval 7"), ("0", "must be >= 1"), ("soon", "is not a valid int")])
+def test_the_sensor_interval_is_a_setting_the_code_location_reads_when_it_loads(value, expected):
+    code = ("from lora_assets.definitions import defs\n"
+            "print('interval', defs.resolve_sensor_def('change_feed_sensor').minimum_interval_seconds)")
+    env = {**os.environ, "LORA_ASSETS_SENSOR_INTERVAL_S": value}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert expected in (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert (done.returncode == 0) == (value == "7")
+    if value == "0":
+        assert "sensor_interval_s (LORA_ASSETS_SENSOR_INTERVAL_S)" in done.stderr

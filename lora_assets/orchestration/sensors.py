@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,10 +56,11 @@ from lora_assets.orchestration.keys import TRIGGER_TAG
 from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.settings import Settings
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
 DATASET_BATCH = 1000  # dataset changes per tick
-SENSOR_INTERVAL_S = int(os.environ.get("LORA_ASSETS_SENSOR_INTERVAL_S", "5"))
+SENSOR_INTERVAL_S = Settings.one_from_env("sensor_interval_s")
 BACKFILL_TAG = "lora_assets/backfill"
 MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by the daemon's run monitoring
 
