@@ -268,7 +268,8 @@ def measure(instance, res, settings, results: list, n: int) -> None:
     from lora_assets.data.ingest import ingest
     from lora_assets.definitions import defs
     from lora_assets.orchestration.registry import backfill_requests
-    from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor, plan_backfill_page
+    from lora_assets.orchestration.run_requests import plan_backfill_page
+    from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
     from lora_assets.orchestration.status import status
     from lora_assets.orchestration.ticks import evaluate_tick
 

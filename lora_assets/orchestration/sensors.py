@@ -8,7 +8,8 @@ the adapter half too, but its tick evaluates every partition (~0.5 ms per user h
 per tick at 100k users), and it launches one run per partition.
 
 Each tick groups everything pending into batch runs of up to ``users_per_run`` users
-(``batches.py``): exactly the users and modes that changed, never a range.
+(``run_requests.py``; the jobs are in ``batches.py``): exactly the users and modes that changed,
+never a range.
 
 Nothing is lost. A feed event is acknowledged once its batch run has been *created* (the run's
 config then holds the change, in Dagster's storage); from then on the run is what must
@@ -21,19 +22,11 @@ with an error in the tick's log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from dagster import (
-    DagsterInstance,
-    DagsterRun,
-    DagsterRunStatus,
     DefaultSensorStatus,
-    RunRequest,
-    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -46,42 +39,35 @@ from lora_assets.modes import MODES, modes_reading
 from lora_assets.orchestration.batches import (
     ADAPTER_BATCH_JOB,
     DATASET_BATCH_JOB,
-    TRAINING_TAG,
     USERS_TAG,
     adapter_batch_job,
     dataset_batch_job,
 )
-from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES
 from lora_assets.orchestration.keys import TRIGGER_TAG
 from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
+from lora_assets.orchestration.run_requests import (
+    PendingTraining,
+    chunks,
+    dataset_request,
+    digest,
+    in_flight,
+    plan_backfill_page,
+    run_config_of,
+    trained_versions,
+    training_slots,
+)
 from lora_assets.settings import Settings
 
 FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
 DATASET_BATCH = 1000  # dataset changes per tick
 SENSOR_INTERVAL_S = Settings.one_from_env("sensor_interval_s")
 BACKFILL_TAG = "lora_assets/backfill"
-MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by the daemon's run monitoring
 
 
 def _load(cursor: str | None) -> dict:
     return json.loads(cursor) if cursor else {}
-
-
-def _users_tag(users: Sequence[str]) -> str:
-    """The users of a batch, for the run list (tag values are kept short)."""
-    text = ",".join(users)
-    return text if len(text) <= 200 else f"{text[:180].rsplit(',', 1)[0]},... ({len(users)} users)"
-
-
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- change feed -> dataset batch runs ---------------------------------------------------------
@@ -133,11 +119,11 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
 
     failed, state["failures"] = failed_batches(context.instance, DATASET_BATCH_JOB, state.get("failures"))
     retries: list[tuple[FailedBatch, dict[str, set[str]]]] = []
-    gone = forgotten_among(context.instance, {c["user"] for b in failed for c in _config(b.run, "rebuild_datasets")["users"]})
+    gone = forgotten_among(context.instance, {c["user"] for b in failed for c in run_config_of(b.run, "rebuild_datasets")["users"]})
     for batch in failed:
         built = settings.state().built_in_run(batch.run.run_id)
         lost = {
-            c["user"]: set(c["sources"]) for c in _config(batch.run, "rebuild_datasets")["users"]
+            c["user"]: set(c["sources"]) for c in run_config_of(batch.run, "rebuild_datasets")["users"]
             if c["user"] not in batch.permanent and c["user"] not in gone
             and not all((c["user"], m.name) in built for m in modes_reading(set(c["sources"])))
         }
@@ -154,114 +140,22 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     new_users = settings.state().register(sorted(changed))  # one bounded query, however many users exist
     if new_users:
         context.log.info(f"registered {len(new_users)} new user(s)")
-    tick = _digest(state["feed"])
+    tick = digest(state["feed"])
     requests = [
-        _dataset_request(users, changed, f"changes:{tick}:{i}", {TRIGGER_TAG: "change_feed"})
-        for i, users in enumerate(_chunks(sorted(changed), settings.users_per_run))
+        dataset_request(users, changed, f"changes:{tick}:{i}", {TRIGGER_TAG: "change_feed"})
+        for i, users in enumerate(chunks(sorted(changed), settings.users_per_run))
     ]
     for batch, lost in retries:
         requests.extend(
-            _dataset_request(users, lost, f"retry:{batch.run.run_id}:{i}", batch.retry_tags())
-            for i, users in enumerate(_chunks(sorted(lost), settings.users_per_run))
+            dataset_request(users, lost, f"retry:{batch.run.run_id}:{i}", batch.retry_tags())
+            for i, users in enumerate(chunks(sorted(lost), settings.users_per_run))
         )
     for request in requests:
         context.log.info(f"dataset run {request.run_key}: {request.tags[USERS_TAG]}")
     return SensorResult(run_requests=requests, cursor=cursor)
 
 
-def _dataset_request(users: Sequence[str], sources: dict[str, set[str]], run_key: str, tags: dict) -> RunRequest:
-    return RunRequest(
-        job_name=DATASET_BATCH_JOB,
-        run_key=run_key,
-        run_config={"ops": {"rebuild_datasets": {"config": {
-            "users": [{"user": u, "sources": sorted(sources[u])} for u in users]
-        }}}},
-        tags={**tags, USERS_TAG: _users_tag(users), "lora_assets/batch_size": str(len(users))},
-    )
-
-
-def _config(run: DagsterRun, op_name: str) -> dict:
-    return run.run_config["ops"][op_name]["config"]
-
-
 # --- changed datasets -> adapter batch runs ----------------------------------------------------
-
-
-def trained_versions(settings, mode: str, base: str, users: Sequence[str]) -> dict[str, str]:
-    """user -> the dataset version their latest ``mode`` adapter on ``base`` was trained on."""
-    return {u: r["trained_on"] for u, r in settings.state().adapters_of(mode, base, users).items() if r["trained_on"]}
-
-
-def training_slots(instance: DagsterInstance) -> int:
-    """How many training runs the run queue lets run at once: the limit on ``TRAINING_TAG`` in
-    the instance's ``tag_concurrency_limits`` (1 on the embedded default, the GPU count at scale),
-    else its ``max_concurrent_runs``."""
-    config = instance.get_concurrency_config().run_queue_config
-    if config is None:
-        return 1
-    limits = [int(c["limit"]) for c in config.tag_concurrency_limits or () if c.get("key") == TRAINING_TAG]
-    if limits:
-        return max(1, min(limits))
-    return config.max_concurrent_runs if config.max_concurrent_runs > 0 else 1  # -1: no limit
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """The adapter batch runs not finished yet (bounded by the queue, not by the users)."""
-
-    items: frozenset[tuple[str, str, str, str]]  # (base model, user, mode, dataset version)
-    runs: int
-    waiting: int  # change-triggered runs queued, not started: new changes can join the next batch instead
-
-
-def in_flight(instance: DagsterInstance) -> InFlight:
-    runs = instance.get_runs(RunsFilter(job_name=ADAPTER_BATCH_JOB, statuses=list(NOT_FINISHED_STATUSES)))
-    items = set()
-    for run in runs:
-        config = _config(run, "train_adapters")
-        items.update((config["base_model"], i["user"], i["mode"], i.get("dataset_version", "")) for i in config["items"])
-    waiting = sum(
-        r.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED) and r.tags.get(TRIGGER_TAG) == "dataset_changed"
-        for r in runs
-    )
-    return InFlight(frozenset(items), len(runs), waiting)
-
-
-@dataclass
-class _Pending:
-    """Adapters to train, grouped by base model: (user, mode) -> dataset version."""
-
-    items: dict[str, dict[tuple[str, str], str]]
-
-    @classmethod
-    def empty(cls) -> _Pending:
-        return cls(defaultdict(dict))
-
-    def add(self, base: str, user: str, mode: str, version: str) -> None:
-        self.items[base][(user, mode)] = version
-
-    def requests(self, settings, key: str, tags: dict[str, str]) -> list[RunRequest]:
-        """Batch runs of up to ``users_per_run`` users, each failed (and its work requested again)
-        if it is still going after ``training_max_runtime_s`` (Dagster's run monitoring)."""
-        users_per_run = settings.users_per_run
-        tags = {**tags, MAX_RUNTIME_TAG: str(settings.training_max_runtime_s)}
-        out = []
-        for base, work in sorted(self.items.items()):
-            users = sorted({u for u, _ in work})
-            for i, chunk in enumerate(_chunks(users, users_per_run)):
-                members = set(chunk)
-                items = [{"user": u, "mode": m, "dataset_version": v} for (u, m), v in sorted(work.items()) if u in members]
-                out.append(
-                    RunRequest(
-                        job_name=ADAPTER_BATCH_JOB,
-                        run_key=f"{key}:{base}:{i}:{_digest(items)}",
-                        run_config={"ops": {"train_adapters": {"config": {"base_model": base, "items": items}}}},
-                        tags={**tags, "lora_assets/base_model": base, USERS_TAG: _users_tag(chunk),
-                              "lora_assets/batch_size": str(len(chunk)),
-                              "lora_assets/modes": ",".join(sorted({i["mode"] for i in items}))},
-                    )
-                )
-        return out
 
 
 @sensor(
@@ -309,9 +203,9 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     bases = active_base_models(instance)
     failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
     gone = forgotten_among(
-        instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in _config(b.run, "train_adapters")["items"]}
+        instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in run_config_of(b.run, "train_adapters")["items"]}
     )
-    pending = _Pending.empty()
+    pending = PendingTraining.empty()
 
     def request(mode: str, versions: dict[tuple[str, str], str], only_if_trained: bool) -> None:
         """Request each user's adapter not yet trained (nor being trained) on their dataset version."""
@@ -330,13 +224,13 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         # A dataset with nothing left to learn from: withdraw an adapter that was trained (no
         # adapter yet: nothing to do, as for a user with contacts but no messages).
         request(mode, emptied, only_if_trained=True)
-    tick = _digest(after)
+    tick = digest(after)
     requests = pending.requests(settings, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
 
     for batch in failed:
-        config = _config(batch.run, "train_adapters")
+        config = run_config_of(batch.run, "train_adapters")
         base = config["base_model"]
-        lost = _Pending.empty()
+        lost = PendingTraining.empty()
         finished = settings.state().finished_in_run(batch.run.run_id)
         for item in config["items"]:
             if (f"{item['mode']}|{base}|{item['user']}" in batch.permanent
@@ -366,7 +260,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         )
         if skipped:
             context.log.info(f"backfill {backfill_id}: skipped (no training data) {skipped}")
-        new = planned.requests(settings, f"backfill:{backfill_id}:{_digest(backfills[backfill_id])}",
+        new = planned.requests(settings, f"backfill:{backfill_id}:{digest(backfills[backfill_id])}",
                                {TRIGGER_TAG: "backfill", BACKFILL_TAG: backfill_id, "dagster/priority": "-1"})
         requests.extend(new)
         room -= len(new)
@@ -382,24 +276,3 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     return SensorResult(run_requests=requests, cursor=cursor)
 
 
-def plan_backfill_page(
-    settings, base: str, after: str | None, max_users: int, flying: set = frozenset()
-) -> tuple[_Pending, str, dict[str, int]]:
-    """The next page of a backfill: (user, mode)s with training data not yet trained on ``base``.
-
-    Returns the work, the new position ("done" at the end) and, per mode, how many users of the
-    page were skipped for having no training data for it. Cost: one indexed page of users plus
-    two indexed reads per mode, however many users exist.
-    """
-    state = settings.state()
-    users = state.user_page(after, max_users)
-    pending, skipped = _Pending.empty(), {}
-    for mode in MODES:
-        with_data = {u: r["version"] for u, r in state.datasets_of(mode, users).items() if r["train_rows"]}
-        skipped[mode] = len(users) - len(with_data)
-        trained = trained_versions(settings, mode, base, list(with_data))
-        for user, version in with_data.items():
-            if trained.get(user) != version and (base, user, mode, version) not in flying:
-                pending.add(base, user, mode, version)
-    position = users[-1] if len(users) == max_users else "done"
-    return pending, position, {m: n for m, n in skipped.items() if n}
