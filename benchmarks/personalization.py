@@ -4,6 +4,8 @@ showing the base model their own similar past replies, and is the eval gate righ
     .venv/bin/python benchmarks/personalization.py                 # 6 authors of the corpus, SmolLM2
     .venv/bin/python benchmarks/personalization.py --authors 24    # all of them (hours on 2 CPU cores)
     .venv/bin/python benchmarks/personalization.py --sweep --authors 3 --variants new lr2e-3 r8 mlp
+    .venv/bin/python benchmarks/personalization.py --sweep --only hm-65 hm-771 --variants old refit \
+        --refit-steps '{"hm-65": 30, "hm-771": 80}'     # refit on the steps an earlier "new" run printed
 
 The corpus is ``benchmarks/corpus/history-meta`` (real people's replies, CC BY-SA; see its
 ATTRIBUTION.md), read as ``mail`` records through the same validation ``lora-assets ingest``
@@ -107,9 +109,14 @@ VARIANTS = {
 }
 
 
-def refit(job, chosen) -> object:
-    """``job`` again on all its examples for the step ``chosen`` (the "new" result) kept."""
-    return replace(_all_train(job), max_steps=chosen.best_step or chosen.steps)
+def refit(job, steps: int) -> object:
+    """``job`` again on all its examples, for the ``steps`` validation chose."""
+    return replace(_all_train(job), max_steps=steps)
+
+
+def kept_steps(results: dict) -> dict[str, int]:
+    """author -> the step validation kept (all the steps trained where there was no slice)."""
+    return {a: r.best_step or r.steps for a, (_job, r) in results.items()}
 
 
 def corpus_datasets() -> dict[str, object]:
@@ -131,9 +138,9 @@ def spread(datasets: dict, n: int) -> list[str]:
 
 
 def train_variant(base, name: str, datasets: dict, out: Path, chosen: dict | None = None) -> dict[str, tuple]:
-    """``chosen``: the "new" variant's results, which "refit" takes its step counts from."""
+    """``chosen``: author -> the step "refit" trains for (what validation kept in "new")."""
     def variant(author: str, job):
-        return refit(job, chosen[author][1]) if name == "refit" else VARIANTS[name](job)
+        return refit(job, chosen[author]) if name == "refit" else VARIANTS[name](job)
 
     jobs = [variant(a, job_for(MODE, a, df, out / name / a, gguf_type="")) for a, df in datasets.items()]
     t0 = time.perf_counter()
@@ -298,10 +305,12 @@ def main() -> None:
     parser.add_argument("--matrix-examples", type=int, default=8, help="held-out replies per author in the matrix")
     parser.add_argument("--synthetic", type=int, default=3, help="synthetic users for the gate check (0, or 2 or more)")
     parser.add_argument("--synthetic-only", action="store_true", help="only the gate check on --synthetic users")
+    parser.add_argument("--refit-steps", type=json.loads, default=None, metavar="JSON",
+                        help='refit\'s steps per author, as "new" printed them ({"hm-65": 30, ...}): no "new" run needed')
     args = parser.parse_args()
     v = args.variants
-    if "refit" in v and ("new" not in v or v.index("refit") < v.index("new")):
-        parser.error("refit takes its steps from new: list new before it")
+    if "refit" in v and args.refit_steps is None and ("new" not in v or v.index("refit") < v.index("new")):
+        parser.error("refit takes its steps from new: list new before it, or give --refit-steps")
     if args.synthetic == 1:
         parser.error("--synthetic needs 2 or more users: each is checked against another's adapter")
 
@@ -313,20 +322,28 @@ def main() -> None:
     everyone = corpus_datasets()
     chosen = args.only or spread(everyone, args.authors)
     datasets = {a: everyone[a] for a in chosen}
+    missing = sorted(set(chosen) - set(args.refit_steps or chosen))
+    if "refit" in v and missing:
+        parser.error(f"--refit-steps has no steps for {', '.join(missing)}")
     print(f"corpus: {len(everyone)} authors, {sum(len(d) for d in everyone.values())} replies; "
           f"benchmarking {len(chosen)}: {', '.join(f'{a} ({len(datasets[a])})' for a in chosen)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         # Each table as soon as what it needs is trained: the product's defaults first.
-        variants = {args.variants[0]: train_variant(base, args.variants[0], datasets, out)}
+        variants = {args.variants[0]: train_variant(base, args.variants[0], datasets, out, chosen=args.refit_steps)}
         if not args.sweep:
             trained = variants[args.variants[0]]
             print(f"\nheld-out loss per author (retrieval: the author's {args.retrieved} most similar training replies)")
             retrieval_table(base, trained, args.retrieved)
             print(f"\nattribution matrix (first {args.matrix_examples} held-out replies of each author)")
             attribution(base, trained, args.matrix_examples)
+        steps = args.refit_steps
         for name in args.variants[1:]:
-            variants[name] = train_variant(base, name, datasets, out, chosen=variants.get("new"))
+            if steps is None and "new" in variants:
+                steps = kept_steps(variants["new"])
+            variants[name] = train_variant(base, name, datasets, out, chosen=steps)
+        if "new" in variants:
+            print(f"  steps validation kept (--refit-steps): {json.dumps(kept_steps(variants['new']))}", flush=True)
         print("\nstep budgets and settings: held-out loss (steps trained / step kept)")
         budgets_table(base, variants)
         if args.sweep:
