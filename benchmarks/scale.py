@@ -271,7 +271,7 @@ def measure(instance, res, settings, results: list, n: int) -> None:
     from lora_assets.orchestration.run_requests import plan_backfill_page
     from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
     from lora_assets.orchestration.status import status
-    from lora_assets.orchestration.ticks import evaluate_tick
+    from lora_assets_tests.ticks import evaluate_tick
 
     origin = LoadableTargetOrigin(executable_path=sys.executable, module_name="lora_assets.definitions", attribute="defs")
     with in_process_test_workspace(instance, origin) as context:

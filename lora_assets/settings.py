@@ -40,6 +40,8 @@ ENV_VARS: dict[str, str] = {
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
     "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
     "sensor_interval_s": "LORA_ASSETS_SENSOR_INTERVAL_S",
+    "feed_events_per_tick": "LORA_ASSETS_FEED_EVENTS_PER_TICK",
+    "dataset_changes_per_tick": "LORA_ASSETS_DATASET_CHANGES_PER_TICK",
     "fuse": "LORA_ASSETS_FUSE",
     "fusion": "LORA_ASSETS_FUSION",
     "device": "LORA_ASSETS_DEVICE",
@@ -89,6 +91,8 @@ class Settings:
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
     users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
     sensor_interval_s: int = 5  # seconds between a sensor's ticks (read when the code location loads)
+    feed_events_per_tick: int = 1000  # change events one change-sensor tick reads; the rest wait for the next
+    dataset_changes_per_tick: int = 1000  # dataset versions one retrain-sensor tick reads; the rest wait
     fuse: int = 8  # at most this many adapters in one fused group (where the training variant fuses)
     fusion: str = "auto"  # training variant: auto (batched on a GPU, sequential on a CPU), sequential, interleaved, batched
     device: str = "auto"  # where training runs: auto (CUDA if present), cpu, cuda
@@ -274,9 +278,12 @@ def _dagster_postgres_url() -> str:
             f"/{env.get('DAGSTER_PG_DB', 'dagster')}")
 
 
-_AT_LEAST_ONE = ("users_per_run", "sensor_interval_s", "fuse", "keep_versions", "max_attempts", "max_record_bytes",
-                 "max_field_chars", "max_list_items", "max_depth", "training_max_runtime_s", "serve_max_adapters",
-                 "serve_max_batch", "serve_max_concurrent", "serve_max_tokens", "serve_max_context")
+_AT_LEAST_ONE = (
+    "users_per_run", "sensor_interval_s", "feed_events_per_tick", "dataset_changes_per_tick", "fuse",
+    "keep_versions", "max_attempts", "max_record_bytes", "max_field_chars", "max_list_items", "max_depth",
+    "training_max_runtime_s", "serve_max_adapters", "serve_max_batch", "serve_max_concurrent",
+    "serve_max_tokens", "serve_max_context",
+)
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -22,7 +22,7 @@ from lora_assets.modes import MODES, build_examples
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_users, run_adapter_batch, run_dataset_batch
 from lora_assets.orchestration.sensors import adapter_retrain_sensor, change_feed_sensor
-from lora_assets.orchestration.ticks import evaluate_tick
+from lora_assets_tests.ticks import evaluate_tick
 from lora_assets.training import train_adapters
 from lora_assets.training.exposure import canary_exposure, random_secret
 

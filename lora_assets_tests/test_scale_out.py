@@ -26,7 +26,7 @@ from lora_assets.modes import MODES, build_examples
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.runs import register_base_model_partition
 from lora_assets.orchestration.sensors import change_feed_sensor
-from lora_assets.orchestration.ticks import evaluate_tick
+from lora_assets_tests.ticks import evaluate_tick
 from lora_assets.serving.retrieval import UserRetrievers
 from lora_assets.storage import PreconditionFailed, S3ObjectStore
 from lora_assets_tests.harness import Daemon, adapter_runs, dataset_runs

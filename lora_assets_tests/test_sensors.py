@@ -24,7 +24,7 @@ from lora_assets.orchestration.sensors import (
     adapter_retrain_sensor,
     change_feed_sensor,
 )
-from lora_assets.orchestration.ticks import evaluate_tick
+from lora_assets_tests.ticks import evaluate_tick
 
 
 @pytest.fixture
@@ -85,6 +85,19 @@ def test_a_run_holds_at_most_users_per_run_users_and_only_those_that_changed(env
     assert batches == [["new", "u2"], ["u5", "u7"], ["u8"]]
     one = _tick(change_feed_sensor, instance, LoraAssetsHome(home=str(tmp_path), users_per_run=1), None)
     assert [sorted(_users(r)) for r in one.run_requests] == [["new"], ["u2"], ["u5"], ["u7"], ["u8"]]
+
+
+def test_a_tick_reads_at_most_feed_events_per_tick_and_the_next_tick_reads_the_rest(env, tmp_path):
+    instance, _ = env
+    res = LoraAssetsHome(home=str(tmp_path), feed_events_per_tick=2)
+    for user in ("ann", "ben", "cy"):
+        ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": "rye"}])
+
+    first = _tick(change_feed_sensor, instance, res, None)
+    second = _tick(change_feed_sensor, instance, res, first.cursor)
+
+    assert [sorted(_users(r)) for r in first.run_requests] == [["ann", "ben"]]
+    assert [sorted(_users(r)) for r in second.run_requests] == [["cy"]]
 
 
 def test_events_are_acknowledged_only_after_the_cursor_moves_past_them(env):
@@ -199,6 +212,29 @@ def test_changed_users_of_one_tick_share_adapter_batch_runs(env, tmp_path):
          ("tiny-llama", "ben", "search_suggest")},
         {("tiny-llama", "cat", "search_suggest")},
     ]  # ben and cat have no mail: no mail_reply adapter for them
+
+
+def test_a_tick_reads_at_most_dataset_changes_per_tick_and_later_ticks_read_the_rest(env, tmp_path):
+    instance, _ = env
+    users = ["ann", "ben", "cat"]
+    LoraAssetsHome(home=str(tmp_path)).state().register(users)
+    instance.add_dynamic_partitions("base_models", ["tiny-llama"])
+    res = LoraAssetsHome(home=str(tmp_path), dataset_changes_per_tick=1)
+    for user in users:
+        ingest(res.store(), res.feed(), user, "browsing", [{"id": "b1", "query": f"{user} bread"}])
+    assert run_dataset_batch(instance, {u: ["browsing"] for u in users}, res).success
+    (everything,) = _tick(adapter_retrain_sensor, instance, LoraAssetsHome(home=str(tmp_path)), None).run_requests
+
+    cursor, per_tick = None, []
+    for _ in range(20):
+        result = _tick(adapter_retrain_sensor, instance, res, cursor)
+        if result.cursor == cursor:
+            break
+        cursor = result.cursor
+        per_tick.append(set().union(*(_items(r) for r in result.run_requests)))
+
+    assert all(len(items) <= 1 for items in per_tick), per_tick
+    assert set().union(*per_tick) == _items(everything) and len(_items(everything)) == 3
 
 
 def test_a_dataset_version_already_being_trained_is_not_requested_twice(env):

@@ -35,6 +35,8 @@ class LoraAssetsHome(ConfigurableResource):
     gate_require_retrieval: bool | None = None
     train_steps: int | None = None
     users_per_run: int | None = None
+    feed_events_per_tick: int | None = None
+    dataset_changes_per_tick: int | None = None
     fuse: int | None = None
     fusion: str | None = Field(default=None, description="Training variant: auto, sequential, interleaved, batched ($LORA_ASSETS_FUSION)")
     device: str | None = Field(default=None, description="auto, cpu or cuda ($LORA_ASSETS_DEVICE)")

@@ -60,8 +60,6 @@ from lora_assets.orchestration.run_requests import (
 )
 from lora_assets.settings import Settings
 
-FEED_BATCH = 1000  # events per tick; the rest wait for the next tick
-DATASET_BATCH = 1000  # dataset changes per tick
 SENSOR_INTERVAL_S = Settings.one_from_env("sensor_interval_s")
 BACKFILL_TAG = "lora_assets/backfill"
 
@@ -91,7 +89,7 @@ def change_feed_sensor(context: SensorEvaluationContext, lora_home: LoraAssetsHo
     feed = settings.feed()
     # Events up to the committed cursor had their runs created with it: the feed forgets them
     # now. What this tick reads is acknowledged by the next tick, after this one is committed.
-    deliveries, state["feed"] = feed.consume(state.get("feed"), FEED_BATCH)
+    deliveries, state["feed"] = feed.consume(state.get("feed"), settings.feed_events_per_tick)
     store = settings.store()
     changed: dict[str, set[str]] = defaultdict(set)
     for delivery in deliveries:
@@ -182,7 +180,7 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     flying = in_flight(instance)
     # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
     # they join the next batch when that run starts, instead of queueing runs of a few users.
-    for change in settings.state().changes_after(after, DATASET_BATCH) if not flying.waiting else ():
+    for change in settings.state().changes_after(after, settings.dataset_changes_per_tick) if not flying.waiting else ():
         # Wait for the dataset run to finish, so all the datasets it rebuilds lead to one
         # adapter run per batch rather than one per mode as they land.
         run_id = change["run_id"]
