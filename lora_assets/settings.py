@@ -146,8 +146,8 @@ class Settings:
         f = next(f for f in fields(cls) if f.name == name)
         raw = (os.environ if env is None else env).get(ENV_VARS[name], "")
         value = f.default if raw == "" else _parse(f, raw)
-        if isinstance(value, (int, float)) and name in _AT_LEAST_ONE and value < 1:
-            raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {value}")
+        if name in _AT_LEAST_ONE:
+            _check_at_least_one(name, value)
         return value
 
     def validate(self) -> None:
@@ -167,8 +167,7 @@ class Settings:
         if self.gate_retrieval_k < 0:
             raise ValueError(f"{ENV_VARS['gate_retrieval_k']} must be >= 0, not {self.gate_retrieval_k}")
         for name in _AT_LEAST_ONE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {getattr(self, name)}")
+            _check_at_least_one(name, getattr(self, name))
 
     def gate(self):
         """The eval gate's configuration (``lora_assets.gate.GateConfig``)."""
@@ -284,6 +283,11 @@ _AT_LEAST_ONE = (
     "training_max_runtime_s", "serve_max_adapters", "serve_max_batch", "serve_max_concurrent",
     "serve_max_tokens", "serve_max_context",
 )
+
+
+def _check_at_least_one(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} ({ENV_VARS[name]}) must be >= 1, not {value}")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
