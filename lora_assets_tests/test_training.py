@@ -131,11 +131,11 @@ def test_several_jobs_in_one_sequential_call_equal_each_job_alone(tiny_base, syn
 @pytest.mark.parametrize("fusion", ["sequential", "interleaved"])
 def test_a_jobs_rate_falls_linearly_to_its_decay_to_over_its_steps(tiny_base, synthetic_tables, tmp_path, monkeypatch, fusion):
     """What each optimizer step trained at, read from AdamW itself, on both training loops."""
-    rates: dict[int, list[float]] = {}
-    plain_step = torch.optim.AdamW.step
+    rates: dict[torch.optim.AdamW, list[float]] = {}  # keyed by the optimizer, which it keeps alive:
+    plain_step = torch.optim.AdamW.step              # an id() could be reused once the first one is freed
 
     def recording_step(self, *args, **kwargs):
-        rates.setdefault(id(self), []).append(self.param_groups[0]["lr"])
+        rates.setdefault(self, []).append(self.param_groups[0]["lr"])
         return plain_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
