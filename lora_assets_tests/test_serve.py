@@ -428,6 +428,15 @@ def test_adapters_and_tokens_are_read_from_s3(served, aws, tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
 
+    # A token URL with no key is a one-line error that names the variable, not a traceback.
+    bad = subprocess.run([str(Path(sys.executable).with_name("lora-assets")), "serve-token", "--user", "user-001"],
+                         env={**env, "LORA_ASSETS_SERVE_TOKENS_FILE": f"s3://{aws['bucket']}/"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"error: LORA_ASSETS_SERVE_TOKENS_FILE='s3://{aws['bucket']}/': expected s3://bucket/key"
+    ], bad.stderr
+
 
 def test_bf16_mixed_batches_route_each_row_through_its_own_adapter(served):
     """The GPU's dtype on this CPU: the fp32 LoRA product on a bf16 base, batched and alone.

@@ -34,6 +34,8 @@ from lora_assets.orchestration.keys import (
     GATE_CHECK,
     PERMANENT_FAILURES,
     TRAINING_POOL,
+    TRAINING_TAG,
+    USERS_TAG,
     adapter_key,
     dataset_key,
     progress_logger,
@@ -48,8 +50,6 @@ from lora_assets.pipeline import AdapterOutcome, AdapterWork, publish, source_st
 
 DATASET_BATCH_JOB = "dataset_batch"
 ADAPTER_BATCH_JOB = "adapter_batch"
-USERS_TAG = "lora_assets/users"  # the users a batch run works for, comma-separated
-TRAINING_TAG = "lora_assets/training"  # on every training batch run; the run queue limits it
 # On Kubernetes (K8sRunLauncher) a training run's pod asks for a GPU node; other launchers ignore
 # the tag. Label GPU nodes `lora-assets/pool=gpu` (README: Deploy at scale).
 K8S_CONFIG_TAG = "dagster-k8s/config"

@@ -28,8 +28,9 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from lora_assets.data.user_store import validate_user_id
 from lora_assets.erasure import Erased, erase_user_data, remaining_user_data
-from lora_assets.orchestration.batches import USERS_TAG, batch_users
+from lora_assets.orchestration.batches import batch_users
 from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES, SqlEventLogStorageTable
+from lora_assets.orchestration.keys import USERS_TAG
 from lora_assets.orchestration.registry import mark_forgotten
 from lora_assets.settings import Settings
 

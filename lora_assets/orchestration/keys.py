@@ -13,6 +13,10 @@ TRIGGER_TAG = "lora_assets/trigger"  # dataset_changed, change_feed, backfill or
 ATTEMPT_TAG = "lora_assets/attempt"  # 2 and up on a retry, whoever launched it
 RETRY_OF_TAG = "lora_assets/retry_of"  # the failed run a retry redoes
 RETRY_REASON_TAG = "lora_assets/retry_reason"  # why that run failed, in one line
+USERS_TAG = "lora_assets/users"  # the users a batch run works for, comma-separated
+TRAINING_TAG = "lora_assets/training"  # on every training batch run; the run queue limits it
+BACKFILL_TAG = "lora_assets/backfill"  # the backfill a training run belongs to
+MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by the daemon's run monitoring
 PERMANENT_FAILURES = "permanent_failures"  # a batch run's Failure metadata: work that must not be retried
 
 

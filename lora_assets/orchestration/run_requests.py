@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunRequest, RunsFilter
 
 from lora_assets.modes import MODES
-from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB, TRAINING_TAG, USERS_TAG
+from lora_assets.orchestration.batches import ADAPTER_BATCH_JOB, DATASET_BATCH_JOB
 from lora_assets.orchestration.internals import NOT_FINISHED_STATUSES
-from lora_assets.orchestration.keys import TRIGGER_TAG
+from lora_assets.orchestration.keys import MAX_RUNTIME_TAG, TRAINING_TAG, TRIGGER_TAG, USERS_TAG
 
-MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by the daemon's run monitoring
 
 
 def users_tag(users: Sequence[str]) -> str:

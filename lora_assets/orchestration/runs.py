@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dagster import DagsterInstance, ExecuteInProcessResult
 
 from lora_assets.data.user_store import validate_user_id
-from lora_assets.orchestration.batches import USERS_TAG, adapter_batch_job, dataset_batch_job
+from lora_assets.orchestration.batches import adapter_batch_job, dataset_batch_job
+from lora_assets.orchestration.keys import USERS_TAG
 from lora_assets.orchestration.partitions import base_model_partitions
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.training.base_models import validate_base_model_key

@@ -39,11 +39,10 @@ from lora_assets.modes import MODES, modes_reading
 from lora_assets.orchestration.batches import (
     ADAPTER_BATCH_JOB,
     DATASET_BATCH_JOB,
-    USERS_TAG,
     adapter_batch_job,
     dataset_batch_job,
 )
-from lora_assets.orchestration.keys import TRIGGER_TAG
+from lora_assets.orchestration.keys import BACKFILL_TAG, TRIGGER_TAG, USERS_TAG
 from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
@@ -61,7 +60,6 @@ from lora_assets.orchestration.run_requests import (
 from lora_assets.settings import Settings
 
 SENSOR_INTERVAL_S = Settings.one_from_env("sensor_interval_s")
-BACKFILL_TAG = "lora_assets/backfill"
 
 
 def _load(cursor: str | None) -> dict:

@@ -77,11 +77,11 @@ class S3Tokens:
     def __init__(self, client: Any, url: str) -> None:
         bucket, _, key = url.removeprefix("s3://").partition("/")
         try:
-            if not bucket:
-                raise ValueError
-            self.key = validate_key(key)
+            self.key = validate_key(key) if bucket else None
         except ValueError:
-            raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key") from None
+            self.key = None
+        if self.key is None:
+            raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key")
         self.store, self.name = S3ObjectStore(client, bucket), url
 
     def stamp(self) -> object:
