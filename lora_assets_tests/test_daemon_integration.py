@@ -207,16 +207,18 @@ def _worker_of_first_started_run(daemon, user: str, timeout_s: float = 300, job_
 
 
 def _freeze_outside_a_write(daemon, pid: int, tries: int = 200) -> None:
-    """SIGSTOP ``pid`` at a moment it holds no write lock on the embedded instance's SQLite files.
+    """SIGSTOP ``pid`` at a moment it holds no write lock on a SQLite file: the embedded
+    instance's, the state table's or the change feed's.
 
     A worker stopped inside a SQLite write keeps the database locked, and every other process
     then fails with "database is locked" (the run monitor could not even record the
-    cancellation): that is a frozen disk, not the hung training this module simulates. So stop,
-    check that each database takes a write, and if one does not, let the worker go on for a
-    moment and stop it again."""
+    cancellation) or, stopped while it updates a WAL index, "locking protocol" (the sensors
+    cannot open the state table): that is a frozen disk, not the hung training this module
+    simulates. So stop, check that each database takes a write, and if one does not, let the
+    worker go on for a moment and stop it again."""
     import sqlite3
 
-    files = sorted(daemon.dagster_home.rglob("*.db"))
+    files = sorted(daemon.dagster_home.rglob("*.db")) + sorted(daemon.data.glob("*.sqlite"))
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
         try:
