@@ -26,6 +26,7 @@ import json
 from collections import defaultdict
 
 from dagster import (
+    DagsterInstance,
     DefaultSensorStatus,
     SensorEvaluationContext,
     SensorResult,
@@ -47,6 +48,7 @@ from lora_assets.orchestration.reconcile import FailedBatch, failed_batches
 from lora_assets.orchestration.registry import active_base_models, backfill_requests, forgotten_among
 from lora_assets.orchestration.resources import LoraAssetsHome
 from lora_assets.orchestration.run_requests import (
+    InFlight,
     PendingTraining,
     chunks,
     dataset_request,
@@ -171,16 +173,56 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     instance = context.instance
     settings = lora_home.settings()
     state = _load(context.cursor)
-    after: int = state.get("changes", 0)
-    latest: dict[tuple[str, str], str] = {}  # (user, mode) -> newest dataset version this tick
-    emptied: dict[tuple[str, str], str] = {}  # ... of datasets with no training example (left)
-    run_finished: dict[str, bool] = {}
     flying = in_flight(instance)
     # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
     # they join the next batch when that run starts, instead of queueing runs of a few users.
-    for change in settings.state().changes_after(after, settings.dataset_changes_per_tick) if not flying.waiting else ():
-        # Wait for the dataset run to finish, so all the datasets it rebuilds lead to one
-        # adapter run per batch rather than one per mode as they land.
+    after, latest, emptied = (state.get("changes", 0), {}, {}) if flying.waiting else _new_dataset_versions(
+        settings, instance, state.get("changes", 0)
+    )
+    state["changes"] = after
+    state.pop("datasets", None)  # the cursor of the event-log era (README: Scale, migration)
+
+    failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
+    gone = forgotten_among(
+        instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in run_config_of(b.run, "train_adapters")["items"]}
+    )
+    pending = PendingTraining.empty()
+    for base in active_base_models(instance):
+        _untrained(settings, base, latest, gone, flying, pending, only_if_trained=False)
+        # A dataset with nothing left to learn from: withdraw an adapter that was trained (no
+        # adapter yet: nothing to do, as for a user with contacts but no messages).
+        _untrained(settings, base, emptied, gone, flying, pending, only_if_trained=True)
+    requests = pending.requests(settings, f"retrain:{digest(after)}", {TRIGGER_TAG: "dataset_changed"})
+    requests += _retries(context, settings, failed, gone)
+    # Backfills keep every training slot busy with one run waiting behind it, and no more: the
+    # queue stays short, so a new change's run starts right after the ones running.
+    room = 2 * training_slots(instance) - flying.runs - len(requests)
+    requests += _backfill_pages(context, settings, state.setdefault("backfills", {}), room, flying)
+
+    cursor = json.dumps(state, sort_keys=True)
+    if not requests:
+        reason = ("a training run is waiting in the queue; new dataset versions join the next batch"
+                  if flying.waiting else "no new dataset versions to train")
+        return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
+    for request in requests:
+        context.log.info(f"training run {request.run_key}: {request.tags['lora_assets/base_model']} "
+                         f"{request.tags['lora_assets/modes']} for {request.tags[USERS_TAG]}")
+    return SensorResult(run_requests=requests, cursor=cursor)
+
+
+Versions = dict[tuple[str, str], str]  # (user, mode) -> dataset version
+
+
+def _new_dataset_versions(settings: Settings, instance: DagsterInstance, after: int) -> tuple[int, Versions, Versions]:
+    """The newest dataset version of each (user, mode) changed after the cursor ``after``, split
+    into those with training examples and those left with none, and the new cursor.
+
+    Stops at the first change whose dataset run is still going, so all the datasets that run
+    rebuilds lead to one adapter run per batch rather than one per mode as they land."""
+    latest: Versions = {}
+    emptied: Versions = {}
+    run_finished: dict[str, bool] = {}
+    for change in settings.state().changes_after(after, settings.dataset_changes_per_tick):
         run_id = change["run_id"]
         if run_id not in run_finished:
             run = instance.get_run_by_id(run_id) if run_id else None
@@ -193,36 +235,30 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
         target = latest if change["train_rows"] else emptied
         (emptied if target is latest else latest).pop((change["user"], change["mode"]), None)
         target[(change["user"], change["mode"])] = change["version"]
-    state["changes"] = after
-    state.pop("datasets", None)  # the cursor of the event-log era (README: Scale, migration)
+    return after, latest, emptied
 
-    bases = active_base_models(instance)
-    failed, state["failures"] = failed_batches(instance, ADAPTER_BATCH_JOB, state.get("failures"))
-    gone = forgotten_among(
-        instance, {u for u, _m in [*latest, *emptied]} | {i["user"] for b in failed for i in run_config_of(b.run, "train_adapters")["items"]}
-    )
-    pending = PendingTraining.empty()
 
-    def request(mode: str, versions: dict[tuple[str, str], str], only_if_trained: bool) -> None:
-        """Request each user's adapter not yet trained (nor being trained) on their dataset version."""
-        users = sorted(u for u, m in versions if m == mode and u not in gone)
-        for base in bases if users else ():
-            trained = trained_versions(settings, mode, base, users)
-            for user in users:
-                version = versions[(user, mode)]
-                if only_if_trained and user not in trained:
-                    continue
-                if trained.get(user) != version and (base, user, mode, version) not in flying.items:
-                    pending.add(base, user, mode, version)
-
+def _untrained(settings: Settings, base: str, versions: Versions, gone: set[str], flying: InFlight,
+               pending: PendingTraining, only_if_trained: bool) -> None:
+    """Add to ``pending`` each adapter on ``base`` not yet trained (nor being trained) on its
+    dataset version; with ``only_if_trained``, only adapters that were trained before."""
     for mode in MODES:
-        request(mode, latest, only_if_trained=False)
-        # A dataset with nothing left to learn from: withdraw an adapter that was trained (no
-        # adapter yet: nothing to do, as for a user with contacts but no messages).
-        request(mode, emptied, only_if_trained=True)
-    tick = digest(after)
-    requests = pending.requests(settings, f"retrain:{tick}", {TRIGGER_TAG: "dataset_changed"})
+        users = sorted(u for u, m in versions if m == mode and u not in gone)
+        if not users:
+            continue
+        trained = trained_versions(settings, mode, base, users)
+        for user in users:
+            version = versions[(user, mode)]
+            if only_if_trained and user not in trained:
+                continue
+            if trained.get(user) != version and (base, user, mode, version) not in flying.items:
+                pending.add(base, user, mode, version)
 
+
+def _retries(context: SensorEvaluationContext, settings: Settings, failed: list[FailedBatch], gone: set[str]) -> list:
+    """Requests for what each failed training run did not finish, other than its permanent
+    failures, what was trained since and forgotten users; past ``max_attempts``, an error."""
+    requests = []
     for batch in failed:
         config = run_config_of(batch.run, "train_adapters")
         base = config["base_model"]
@@ -241,12 +277,15 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
                               f"{', '.join(names)} (quarantined; see that run's logs)")
             continue
         requests.extend(lost.requests(settings, f"retry:{batch.run.run_id}", batch.retry_tags()))
+    return requests
 
-    # Backfills keep every training slot busy with one run waiting behind it, and no more: the
-    # queue stays short, so a new change's run starts right after the ones running.
-    room = 2 * training_slots(instance) - flying.runs - len(requests)
-    backfills = state.setdefault("backfills", {})
-    for backfill_id, request in sorted(backfill_requests(instance).items()):
+
+def _backfill_pages(context: SensorEvaluationContext, settings: Settings, backfills: dict, room: int,
+                    flying: InFlight) -> list:
+    """Requests for the next pages of the requested backfills, while ``room`` runs fit in the
+    queue; ``backfills`` (the cursor's) records how far each one is planned."""
+    requests = []
+    for backfill_id, request in sorted(backfill_requests(context.instance).items()):
         if room <= 0:
             break
         if backfills.get(backfill_id) == "done":
@@ -260,15 +299,4 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
                                {TRIGGER_TAG: "backfill", BACKFILL_TAG: backfill_id, "dagster/priority": "-1"})
         requests.extend(new)
         room -= len(new)
-
-    cursor = json.dumps(state, sort_keys=True)
-    if not requests:
-        reason = ("a training run is waiting in the queue; new dataset versions join the next batch"
-                  if flying.waiting else "no new dataset versions to train")
-        return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
-    for request in requests:
-        context.log.info(f"training run {request.run_key}: {request.tags['lora_assets/base_model']} "
-                         f"{request.tags['lora_assets/modes']} for {request.tags[USERS_TAG]}")
-    return SensorResult(run_requests=requests, cursor=cursor)
-
-
+    return requests
