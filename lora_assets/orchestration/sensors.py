@@ -176,9 +176,9 @@ def adapter_retrain_sensor(context: SensorEvaluationContext, lora_home: LoraAsse
     flying = in_flight(instance)
     # While a training run waits in the queue, new dataset versions wait too (the cursor stays):
     # they join the next batch when that run starts, instead of queueing runs of a few users.
-    after, latest, emptied = (state.get("changes", 0), {}, {}) if flying.waiting else _new_dataset_versions(
-        settings, instance, state.get("changes", 0)
-    )
+    after, latest, emptied = state.get("changes", 0), {}, {}
+    if not flying.waiting:
+        after, latest, emptied = _new_dataset_versions(settings, instance, after)
     state["changes"] = after
     state.pop("datasets", None)  # the cursor of the event-log era (README: Scale, migration)
 

@@ -76,12 +76,13 @@ class S3Tokens:
 
     def __init__(self, client: Any, url: str) -> None:
         bucket, _, key = url.removeprefix("s3://").partition("/")
+        bad = ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key")
+        if not bucket:
+            raise bad
         try:
-            self.key = validate_key(key) if bucket else None
+            self.key = validate_key(key)  # refuses an empty or escaping key
         except ValueError:
-            self.key = None
-        if self.key is None:
-            raise ValueError(f"LORA_ASSETS_SERVE_TOKENS_FILE={url!r}: expected s3://bucket/key")
+            raise bad from None
         self.store, self.name = S3ObjectStore(client, bucket), url
 
     def stamp(self) -> object:
