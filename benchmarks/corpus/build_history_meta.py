@@ -12,11 +12,18 @@ github.com/GonzaloHirsch/TP-XML, dump of 2018-08-30). Output: one JSONL file of 
 records per author, ``hm-<Stack Exchange user id>.jsonl``, ready for ``lora-assets ingest``.
 
     python benchmarks/corpus/build_history_meta.py DUMP_DIR benchmarks/corpus/history-meta
+
+The held-out authors (``history-meta-2023``: what tuning never saw) come from a later dump of the
+same site, with every reply already in the development corpus left out (``--unseen``):
+
+    python benchmarks/corpus/build_history_meta.py DUMP2023_DIR benchmarks/corpus/history-meta-2023 \
+        --unseen benchmarks/corpus/history-meta --max-authors 100
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import html
 import json
 import re
@@ -37,8 +44,18 @@ def plain(markup: str | None) -> str:
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
 
 
-def build(dump: Path) -> dict[str, list[dict]]:
-    posts = {r.get("Id"): r.attrib for r in ET.parse(dump / "Posts.xml").getroot()}
+def _posts(dump: Path) -> dict[str, dict]:
+    """Posts by id, from ``Posts.xml`` or (as in the 2023 copy, whose XML is missing) ``Posts.csv``."""
+    if (dump / "Posts.xml").exists():
+        return {r.get("Id"): r.attrib for r in ET.parse(dump / "Posts.xml").getroot()}
+    csv.field_size_limit(1 << 30)
+    with open(dump / "Posts.csv", encoding="utf-8-sig", newline="") as f:
+        return {r["Id"]: {k: v for k, v in r.items() if v} for r in csv.DictReader(f)}
+
+
+def build(dump: Path, unseen: set[str] = frozenset(), max_authors: int = MAX_AUTHORS) -> dict[str, list[dict]]:
+    """Authors' replies as ``mail`` records; ``unseen``: record ids to leave out (another corpus's)."""
+    posts = _posts(dump)
     users = {r.get("Id"): r.attrib for r in ET.parse(dump / "Users.xml").getroot()}
     name = lambda uid: users.get(uid or "", {}).get("DisplayName") or "someone"  # noqa: E731
 
@@ -65,10 +82,11 @@ def build(dump: Path) -> dict[str, list[dict]]:
             "subject": "Re: " + thread_title(post), "body": plain(post.get("Body"))[:MAX_BODY_CHARS] or "(no text)",
             "reply": plain(c.get("Text")), "received_at": c.get("CreationDate")[:19] + "Z",
         })
+    by_author = {u: [r for r in recs if r["id"] not in unseen] for u, recs in by_author.items()}
     words = lambda recs: sum(len(r["reply"].split()) for r in recs)  # noqa: E731
     keep = [u for u, recs in by_author.items()
             if u != "-1" and len(recs) >= MIN_RECORDS and words(recs) >= MIN_WORDS]
-    keep = sorted(keep, key=lambda u: -words(by_author[u]))[:MAX_AUTHORS]
+    keep = sorted(keep, key=lambda u: -words(by_author[u]))[:max_authors]
     return {u: sorted((r for r in by_author[u] if r["reply"]), key=lambda r: r["id"]) for u in keep} | {
         "_names": {u: name(u) for u in keep}}
 
@@ -77,8 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dump", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--unseen", type=Path, help="leave out every reply already in this corpus folder")
+    parser.add_argument("--max-authors", type=int, default=MAX_AUTHORS)
     args = parser.parse_args()
-    corpus = build(args.dump)
+    seen = {json.loads(line)["id"] for p in sorted(args.unseen.glob("hm-*.jsonl")) for line in p.open()} if args.unseen else set()
+    corpus = build(args.dump, seen, args.max_authors)
     names = corpus.pop("_names")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
