@@ -8,16 +8,18 @@ showing the base model their own similar past replies, and is the eval gate righ
         --refit-steps '{"hm-65": 30, "hm-771": 80}'     # refit on the steps an earlier "new" run printed
 
 The corpus is ``benchmarks/corpus/history-meta`` (real people's replies, CC BY-SA; see its
-ATTRIBUTION.md), read as ``mail`` records through the same validation ``lora-assets ingest``
+ATTRIBUTION.md; ``--corpus benchmarks/corpus/history-meta-2023``: authors' replies tuning never saw), read as ``mail`` records through the same validation ``lora-assets ingest``
 applies, built into ``mail_reply`` datasets by the mode's own builder, and trained through
 ``job_for`` and ``train_adapters`` as the pipeline does. Per author, on the gate's held-out set:
 
 1. held-out loss of the base, the base with the author's K most similar training replies in the
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
-2. step budgets: the new default (a validation slice chooses the step, early stopping within
-   [first_kept, max_steps], learning rate 3e-4 rising to 1e-3 with the author's examples, the
-   best step's weights averaged with its scored neighbours where that scores better) against
-   the old default (2 epochs within [10, 120] at 1e-3) and the old fixed 30 steps at 1e-3, and
+2. step budgets: the new default (below 60 training examples a validation slice chooses the
+   step, early stopping within [first_kept, max_steps], learning rate 3e-4 rising with the
+   author's examples, the best step's weights averaged with its scored neighbours where that
+   scores better; from 60 on 2 epochs at 1e-3) against the old default (2 epochs within
+   [10, 120] at 1e-3 for every size), validation at every size (``validate``, the default to
+   2026-12-07) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
    the slice's size, ``noavg``: the best step alone; ``refit``: the step validation chose,
    retrained on every example) for tuning; each variant's mean held-out loss minus the first
@@ -49,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_assets.adapters import job_for  # noqa: E402
+from lora_assets.adapters import job_for, validation_slice  # noqa: E402
 from lora_assets.data.schemas import records_to_table  # noqa: E402
 from lora_assets.data.synthetic import generate_user  # noqa: E402
 from lora_assets.gate import HELPS_CONFIDENCE, GateConfig, decide, paired  # noqa: E402
@@ -73,6 +75,15 @@ def _all_train(job):
     return replace(job, train=[*job.train, *job.validation], validation=())
 
 
+def _validated(job):
+    """The job with a validation slice whatever the user's size (at the rate by examples)."""
+    if job.validation or job.budget.validates(len(job.train)):
+        return job
+    always = replace(MODE, budget=replace(MODE.budget, validate_below=sys.maxsize))
+    train, validation = validation_slice(always, list(job.train))
+    return replace(job, train=train, validation=validation, learning_rate=MODE.learning_rate.for_examples(len(train)))
+
+
 def _smaller_slice(job, fraction: float = 0.10, most: int = 16):
     """The job with a validation slice of ``fraction`` (at most ``most``): the rest is trained on."""
     if not job.validation:
@@ -84,7 +95,8 @@ def _smaller_slice(job, fraction: float = 0.10, most: int = 16):
 
 VARIANTS = {
     "new": lambda job: job,  # the product's defaults
-    "old": lambda job: replace(_all_train(job), budget=OLD_BUDGET, learning_rate=OLD_RATE),
+    # (the examples in the order it was measured in: a would-be slice's last, as before validate_below)
+    "old": lambda job: replace(_all_train(_validated(job)), budget=OLD_BUDGET, learning_rate=OLD_RATE),
     "fixed30": lambda job: replace(_all_train(job), max_steps=30, learning_rate=OLD_RATE),
     "seed1": lambda job: replace(job, seed=1),
     # What the user had before a fifth of their training examples (the last by id) arrived.
@@ -106,6 +118,8 @@ VARIANTS = {
     "attention": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION)),
     # Validation chooses the step, then every example (the slice too) is trained for that many steps.
     "refit": None,
+    # Validation chooses the step at every size, as the default did to 2026-12-07 (before ``validate_below``).
+    "validate": _validated,
 }
 
 
@@ -119,10 +133,10 @@ def kept_steps(results: dict) -> dict[str, int]:
     return {a: r.best_step or r.steps for a, (_job, r) in results.items()}
 
 
-def corpus_datasets() -> dict[str, object]:
+def corpus_datasets(corpus: Path = CORPUS) -> dict[str, object]:
     """Every author's mail_reply dataset, through ingest's record validation and the mode's builder."""
     out = {}
-    for path in sorted(CORPUS.glob("hm-*.jsonl")):
+    for path in sorted(corpus.glob("hm-*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines()]
         labels = [f"line {i + 1}: " for i in range(len(records))]
         out[path.stem] = build_examples(MODE, {"mail": records_to_table("mail", records, f"{path.name}: ", labels)})
@@ -220,10 +234,12 @@ def budgets_table(base, variants: dict[str, dict]) -> None:
             row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "") + (" avg" if r.averaged else "")]
         rows.append(row)
     show(rows, ["author", "train", "base", *[h for n in names for h in (n, "steps")]])
-    reference = _per_example(base, variants[names[0]])  # scored once, compared with each other variant
-    for n in names[1:]:  # whether a difference in the mean is more than the held-out sets' noise
-        low, mid, high = _difference_interval(_per_example(base, variants[n]), reference)
-        print(f"  {n} minus {names[0]}: {mid:+.4f} nats mean held-out loss over the authors, 95% interval "
+    scores = {n: _per_example(base, variants[n]) for n in names}  # each scored once
+    # Each variant against the first, and the default against validation at every size (what it replaced).
+    pairs = [(n, names[0]) for n in names[1:]] + [("new", "validate")] * ({"new", "validate"} <= set(names[1:]))
+    for n, ref in pairs:  # whether a difference in the mean is more than the held-out sets' noise
+        low, mid, high = _difference_interval(scores[n], scores[ref])
+        print(f"  {n} minus {ref}: {mid:+.4f} nats mean held-out loss over the authors, 95% interval "
               f"[{low:+.4f}, {high:+.4f}] (examples resampled within each author)", flush=True)
     for n in names:
         gains = [variants[n][a][1].base_eval_loss - variants[n][a][1].adapter_eval_loss for a in authors]
@@ -297,6 +313,8 @@ def gate_checks(base, trained: dict, reseeded: dict, label: str, earlier: dict |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--corpus", type=Path, default=CORPUS,
+                        help="a folder of hm-*.jsonl authors (benchmarks/corpus/history-meta-2023: held out from tuning)")
     parser.add_argument("--authors", type=int, default=6, help="authors, spread over the corpus's sizes")
     parser.add_argument("--only", nargs="*", default=None, help="these authors (hm-<id>) instead")
     parser.add_argument("--variants", nargs="*", default=["new", "old", "fixed30"], choices=list(VARIANTS))
@@ -319,7 +337,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             synthetic_gate(base, args.synthetic, Path(tmp))
         return
-    everyone = corpus_datasets()
+    everyone = corpus_datasets(args.corpus)
     chosen = args.only or spread(everyone, args.authors)
     datasets = {a: everyone[a] for a in chosen}
     missing = sorted(set(chosen) - set(args.refit_steps or chosen))

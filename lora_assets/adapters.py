@@ -113,10 +113,11 @@ def _lora_json(mode: Mode) -> dict[str, Any]:
 def validation_slice(mode: Mode, train: list[Any]) -> tuple[list[Any], list[Any]]:
     """(train, validation): the mode budget's share of the training examples set aside to choose
     the step, picked by hashing ids (stable across rebuilds, independent of the eval split).
-    No slice when it would hold fewer than ``min_validation`` examples."""
+    No slice when it would hold fewer than ``min_validation`` examples, or for a user with
+    ``validate_below`` training examples or more (the epochs formula decides)."""
     budget = mode.budget
     n = min(budget.max_validation, round(budget.validation_fraction * len(train)))
-    if n < budget.min_validation:
+    if n < budget.min_validation or not budget.validates(len(train)):
         return train, []
     ranked = sorted(train, key=lambda e: hashlib.sha256(f"{mode.name}:validation:{e.id}".encode()).digest())
     chosen = {e.id for e in ranked[:n]}
@@ -140,7 +141,8 @@ def job_for(
     Without a ``plan``: a full training on every training example. ``steps`` fixes the step
     budget (tests, benchmarks); otherwise a full training sets aside a validation slice that
     chooses the step (early stopping within the mode's budget) at the mode's rate for that many
-    examples, and an incremental update trains for its update budget at its rate.
+    examples, or from the budget's ``validate_below`` examples on trains the epochs formula at the
+    rate's maximum, and an incremental update trains for its update budget at its rate.
     """
     rows = pairs_from if mode.objective.pairwise else examples_from
     train = everything = rows(dataset, "train")
@@ -151,6 +153,8 @@ def job_for(
         train = [e for e in train if e.id in chosen]
     elif steps is None:
         train, validation = validation_slice(mode, train)
+    # A user with enough examples to skip validation: the epochs formula at the rate's maximum.
+    formula = plan.path != INCREMENTAL and steps is None and not mode.budget.validates(len(train))
     return TrainJob(
         name=f"{user}/{mode.name}",
         train=train,
@@ -163,7 +167,7 @@ def job_for(
         max_steps=steps,
         budget=mode.update.budget if plan.path == INCREMENTAL else mode.budget,
         learning_rate=(mode.update.learning_rate if plan.path == INCREMENTAL
-                       else mode.learning_rate.for_examples(len(train))),
+                       else mode.learning_rate.maximum if formula else mode.learning_rate.for_examples(len(train))),
         seed=0,
         warm_start_from=warm_start_from,
         gguf_type=gguf_type,

@@ -38,7 +38,8 @@ class LearningRate:
     (``base``) leaves a large one under-trained when validation stops it. So from
     ``examples`` training examples on the rate grows in proportion, up to ``maximum``
     (``benchmarks/personalization.py`` on real writing: 3e-4 for every size, 1e-3 for every size,
-    and this, measured in the README).
+    and this, measured in the README). ``maximum`` is also the rate of the epochs formula that
+    users from ``StepBudget.validate_below`` examples on train (no slice to stop them).
     """
 
     base: float = 3e-4
@@ -59,9 +60,11 @@ class StepBudget:
     ``patience`` scores without an improvement of ``min_improvement`` nats, and the adapter of
     the best scored step is kept, or (``average``) the mean of its weights and those of the
     scored steps either side of it where that mean scores better on the slice.
-    A user with 20 examples then trains as long as it helps, one with 1,000 stops when it stops
-    improving (``benchmarks/personalization.py`` measured both against a formula). A user with
-    too few examples for a slice of ``min_validation`` gets ``epochs`` passes over the data within
+    Only users with fewer than ``validate_below`` training examples get a slice: from there on
+    ``epochs`` passes over every example at the rate's maximum did better than validation on
+    real writing (the slice's examples and a step chosen on them cost more than the choice wins;
+    ``benchmarks/personalization.py``, on the development corpus and again on held-out authors).
+    A user with too few examples for a slice of ``min_validation`` gets ``epochs`` passes within
     ``[min_steps, max_steps]``, as does a job with no slice (incremental updates): with nothing
     to tell when they stop improving, the smallest users need the longer floor (on real writing
     30 steps at 3e-4 beat 10 for both 22-example authors), while with a slice the users whose
@@ -69,7 +72,8 @@ class StepBudget:
     """
 
     epochs: float = 2.0  # without a validation slice: passes over the training examples
-    min_steps: int = 30  # without a slice: the fewest steps the epochs formula gives
+    min_steps: int = 30  # the epochs formula's floor below ``validate_below`` examples (from there on 2 epochs are 15+ steps)
+    validate_below: int = 60  # training examples: from here on no slice, ``epochs`` passes at the rate's maximum
     first_kept: int = 10  # with a slice: the first step whose adapter may be kept
     max_steps: int = 120  # the last
     eval_every: int = 10  # steps between validation scores
@@ -81,8 +85,14 @@ class StepBudget:
     average: bool = True  # keep the mean of the best and its neighbouring scored steps if it scores better
 
     def steps(self, n_examples: int, batch_size: int) -> int:
-        """The formula budget: ``epochs`` passes, within ``[min_steps, max_steps]``."""
-        return min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * n_examples / batch_size)))
+        """The formula budget: ``epochs`` passes, at most ``max_steps``, at least ``min_steps``
+        for a user below ``validate_below`` (the floor is for users too small for a slice)."""
+        floor = self.min_steps if n_examples < self.validate_below else 1
+        return min(self.max_steps, max(floor, math.ceil(self.epochs * n_examples / batch_size)))
+
+    def validates(self, n_examples: int) -> bool:
+        """Whether a full training of ``n_examples`` sets a validation slice aside to choose its step."""
+        return n_examples < self.validate_below
 
     def scored(self, step: int, last: int) -> bool:
         """Whether the validation slice is scored after ``step`` of at most ``last``."""

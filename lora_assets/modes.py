@@ -101,9 +101,9 @@ class Mode:
     lora: LoraSpec = field(default_factory=LoraSpec)
     eval_fraction: float = 0.2  # share of examples held out, chosen by hashing the example id
     budget: StepBudget = field(default_factory=StepBudget)  # a full (re)training
-    # A full (re)training's rate, by the user's training examples: 3e-4 up to 45, rising to 1e-3
-    # (benchmarks/personalization.py on real writing: 1e-3 overfits small users before the first
-    # step kept, 3e-4 under-trains large ones).
+    # A full (re)training's rate, by the user's training examples: 3e-4 up to 45, rising with them;
+    # 1e-3 from the budget's validate_below (60) on, where 2 epochs decide (benchmarks/personalization.py
+    # on real writing: 1e-3 overfits small users before the first step kept, 3e-4 under-trains large ones).
     learning_rate: LearningRate = field(default_factory=LearningRate)
     update: UpdatePolicy = field(default_factory=lambda: UpdatePolicy())  # when and how to update incrementally
 

@@ -19,6 +19,7 @@ from lora_assets.orchestration.runs import register_users, run_adapter_batch, ru
 from lora_assets_tests.harness import lora_assets
 
 CORPUS = Path(__file__).resolve().parents[1] / "benchmarks" / "corpus" / "history-meta"
+HELD_OUT = CORPUS.parent / "history-meta-2023"  # later replies, none of them in CORPUS
 SMALLEST = "hm-28734"  # 27 replies
 
 
@@ -33,6 +34,21 @@ def test_the_corpus_has_twenty_authors_of_real_writing_each_credited():
         words = sum(len(r.split()) for r in table.column("reply").to_pylist())
         examples = build_examples(MODES["mail_reply"], {"mail": table})
         assert words >= 1500 and len(examples) == len(records) and (examples.split == "eval").any(), path.name
+        assert f"| {path.name} |" in credits, f"{path.name} is not credited"
+
+
+def test_the_held_out_authors_share_no_reply_with_the_corpus_and_are_credited():
+    """What checks a rule picked on the corpus must be text the picking never saw."""
+    seen = {json.loads(line)["id"] for f in CORPUS.glob("hm-*.jsonl") for line in f.open()}
+    files = sorted(HELD_OUT.glob("hm-*.jsonl"))
+    credits = (HELD_OUT / "ATTRIBUTION.md").read_text()
+    assert len(files) >= 15 and "CC BY-SA 4.0" in credits
+    assert sum(f.stat().st_size for f in files) < 3_000_000
+    for path in files:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        table = records_to_table("mail", records, f"{path.name}: ")
+        assert not {r["id"] for r in records} & seen, f"{path.name} repeats replies of the corpus"
+        assert len(build_examples(MODES["mail_reply"], {"mail": table})) == len(records), path.name
         assert f"| {path.name} |" in credits, f"{path.name} is not credited"
 
 

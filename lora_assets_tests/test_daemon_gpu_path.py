@@ -1,6 +1,7 @@
 """The training path a GPU worker takes, through the real daemon on this CPU: the base in bf16
 (``LORA_ASSETS_DTYPE=bf16``, what ``auto`` picks on CUDA), fused groups with every job in each
-pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget."""
+pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget: the formula's floor for a
+user too small for a validation slice, early stopping on a slice, 2 epochs from 60 examples on."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
     from lora_assets.data.synthetic import generate_user
 
     daemon = gpu_path_daemon
-    small = generate_user("small", scale=1)["mail"].to_pylist()[:12]  # 10 steps (the budget's floor)
-    large = generate_user("large", scale=4)["mail"].to_pylist()  # 240 mails: ~48 steps
-    daemon.ingest("small", "mail", small)
-    daemon.ingest("large", "mail", large)
+    small = generate_user("small", scale=1)["mail"].to_pylist()[:12]  # no slice: 30 steps (the floor)
+    sliced = generate_user("sliced", scale=1)["mail"].to_pylist()  # 60 mails: a slice chooses the step
+    large = generate_user("large", scale=4)["mail"].to_pylist()  # 240 mails: 2 epochs, ~48 steps
+    users = ("small", "sliced", "large")
+    for user, mails in zip(users, (small, sliced, large)):
+        daemon.ingest(user, "mail", mails)
     daemon.start()
     runs = daemon.settle()
     (run,) = [r for r in runs if r.job_name == "adapter_batch"]
-    assert adapter_runs([run]) == {"tiny-llama|small": {"mail_reply/adapter"}, "tiny-llama|large": {"mail_reply/adapter"}}
+    assert adapter_runs([run]) == {f"tiny-llama|{u}": {"mail_reply/adapter"} for u in users}
     logs = [e.message for e in daemon.instance.all_logs(run.run_id)]
     assert any("cpu bfloat16, batched training" in m for m in logs), "the run trained in bf16, batched"
 
@@ -48,23 +51,31 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
     assert large_steps and large_steps[-1] > small_published, "the small user waited for the large user's training"
 
     state = daemon.settings.state()
-    adapters = {user: state.training("tiny-llama", user, "mail_reply") for user in ("small", "large")}
+    adapters = {user: state.training("tiny-llama", user, "mail_reply") for user in users}
     for user, meta in adapters.items():
-        assert meta["fused_with"] == 2 and "train_seconds" not in meta, "a fused adapter has no time of its own"
+        assert meta["fused_with"] == 3 and "train_seconds" not in meta, "a fused adapter has no time of its own"
         assert meta["adapter_eval_loss"] < meta["base_eval_loss"], user
     assert adapters["small"]["steps"] < adapters["large"]["steps"]
     assert adapters["small"]["group_seconds"] < adapters["large"]["group_seconds"]
 
-    # A device gets both, and the safetensors-only loader puts each on a bf16 base.
+    # A device gets each, and the safetensors-only loader puts each on a bf16 base.
     base = load_base_model("tiny-llama", daemon.data, device="cpu", dtype="bf16")
-    rates = {}  # each adapter's recorded rate, by its training examples
-    for user in ("small", "large"):
+    rates, recorded = {}, {}  # each adapter's recorded rate and metadata
+    for user in users:
         device = tmp_path / user
         assert sync_device(daemon.settings.drive(), user, device, "tiny-llama").ok
         installed = installed_adapter_dir(device, "tiny-llama", "mail_reply")
-        recorded = read_adapter_metadata(installed)
-        rates[user] = recorded["learning_rate"]
-        assert rates[user] == MODES["mail_reply"].learning_rate.for_examples(recorded["examples_trained"])
+        recorded[user] = read_adapter_metadata(installed)
+        rates[user] = recorded[user]["learning_rate"]
         model = load_adapter(base, installed)
         base.model = model.unload()
-    assert rates["small"] == 3e-4 < rates["large"], "the rate rises with the user's training examples"
+    mail = MODES["mail_reply"]
+    assert recorded["small"]["validation_examples"] == 0 and recorded["small"]["metrics"]["steps"] == 30
+    sliced_meta = recorded["sliced"]
+    assert sliced_meta["validation_examples"] >= 4 and sliced_meta["metrics"]["best_step"], "early stopping ran"
+    assert rates["sliced"] == mail.learning_rate.for_examples(sliced_meta["examples_trained"]), "the rate by examples"
+    large_meta = recorded["large"]
+    assert large_meta["validation_examples"] == 0 and large_meta["examples_trained"] >= mail.budget.validate_below
+    assert rates["large"] == mail.learning_rate.maximum, "from 60 examples on: 2 epochs at the maximum rate"
+    assert large_meta["metrics"]["steps"] == mail.budget.steps(large_meta["examples_trained"], 8)
+    assert rates["small"] == 3e-4 < rates["large"]

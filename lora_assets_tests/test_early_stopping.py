@@ -66,8 +66,11 @@ def test_a_user_too_small_for_a_slice_trains_the_formulas_30_steps_and_a_sliced_
     assert unsliced.steps == 30, "2 epochs of 20 examples is 5 steps: the floor holds"
 
 
-def test_a_full_trainings_learning_rate_rises_with_the_users_examples_and_an_update_keeps_its_own(
+def test_a_full_trainings_rate_rises_with_the_users_examples_and_from_60_two_epochs_at_the_maximum_rate_decide(
         synthetic_tables, tmp_path):
+    """Below ``validate_below`` (60) training examples a slice chooses the step at a rate rising
+    with the examples; from 60 on every example trains for 2 epochs at the maximum rate (what
+    did better on real writing for those users); an update keeps its own rate."""
     dataset = build_examples(MAIL, synthetic_tables["user-000"])
     train = dataset[dataset.split == "train"]
 
@@ -77,11 +80,14 @@ def test_a_full_trainings_learning_rate_rises_with_the_users_examples_and_an_upd
         return pd.concat([rows, dataset[dataset.split == "eval"]], ignore_index=True)
 
     rate = MAIL.learning_rate
-    small, medium, large = (job_for(MAIL, "u", sized(n), tmp_path / str(n)) for n in (20, 100, 600))
+    small, medium, last, large = (job_for(MAIL, "u", sized(n), tmp_path / str(n)) for n in (20, 55, 59, 100))
     assert small.learning_rate == rate.base == 3e-4, "a small user: the rate that does not overfit it"
-    assert large.learning_rate == rate.maximum == 1e-3
-    assert rate.base < medium.learning_rate < rate.maximum
+    assert medium.early_stopping and rate.base < medium.learning_rate < rate.maximum
     assert medium.learning_rate == pytest.approx(3e-4 * len(medium.train) / 45), "in proportion to its examples"
+    assert last.early_stopping and MAIL.budget.validate_below == 60
+    assert not large.validation and not large.early_stopping and len(large.train) == 100
+    assert large.learning_rate == rate.maximum == 1e-3
+    assert large.steps == 25, "2 epochs of 100 examples in batches of 8: no floor of 30 from 60 examples on"
     update = job_for(MAIL, "u", sized(600), tmp_path / "inc", plan=TrainingPlan(INCREMENTAL, "test", ("mail-0001",)))
     assert update.learning_rate == MAIL.update.learning_rate, "an incremental update's rate is its policy's"
 
