@@ -79,7 +79,7 @@ def _validated(job):
     """The job with a validation slice whatever the user's size (at the rate by examples)."""
     if job.validation or job.budget.validates(len(job.train)):
         return job
-    always = replace(MODE, budget=replace(MODE.budget, validate_below=sys.maxsize))
+    always = replace(MODE, budget=replace(MODE.budget, validate_below=None))
     train, validation = validation_slice(always, list(job.train))
     return replace(job, train=train, validation=validation, learning_rate=MODE.learning_rate.for_examples(len(train)))
 

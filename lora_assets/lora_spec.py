@@ -73,7 +73,7 @@ class StepBudget:
 
     epochs: float = 2.0  # without a validation slice: passes over the training examples
     min_steps: int = 30  # the epochs formula's floor below ``validate_below`` examples (from there on 2 epochs are 15+ steps)
-    validate_below: int = 60  # training examples: from here on no slice, ``epochs`` passes at the rate's maximum
+    validate_below: int | None = 60  # training examples: from here on no slice, ``epochs`` passes at the rate's maximum; None: every size
     first_kept: int = 10  # with a slice: the first step whose adapter may be kept
     max_steps: int = 120  # the last
     eval_every: int = 10  # steps between validation scores
@@ -87,12 +87,12 @@ class StepBudget:
     def steps(self, n_examples: int, batch_size: int) -> int:
         """The formula budget: ``epochs`` passes, at most ``max_steps``, at least ``min_steps``
         for a user below ``validate_below`` (the floor is for users too small for a slice)."""
-        floor = self.min_steps if n_examples < self.validate_below else 1
+        floor = self.min_steps if self.validates(n_examples) else 1
         return min(self.max_steps, max(floor, math.ceil(self.epochs * n_examples / batch_size)))
 
     def validates(self, n_examples: int) -> bool:
         """Whether a full training of ``n_examples`` sets a validation slice aside to choose its step."""
-        return n_examples < self.validate_below
+        return self.validate_below is None or n_examples < self.validate_below
 
     def scored(self, step: int, last: int) -> bool:
         """Whether the validation slice is scored after ``step`` of at most ``last``."""

@@ -260,8 +260,10 @@ MODES: dict[str, Mode] = {
             check=_tone_rewrite_check,
             objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
-            # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences)
+            # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences), so neither
+            # is its budget: validation chooses the step at every size
             learning_rate=LearningRate(base=1e-3, maximum=1e-3),
+            budget=StepBudget(validate_below=None),
         ),
     ]
 }

@@ -92,6 +92,16 @@ def test_a_full_trainings_rate_rises_with_the_users_examples_and_from_60_two_epo
     assert update.learning_rate == MAIL.update.learning_rate, "an incremental update's rate is its policy's"
 
 
+def test_dpo_not_tuned_on_real_writing_keeps_a_validation_slice_at_every_size(tmp_path):
+    from lora_assets.data.synthetic import generate_user
+
+    tone = MODES["tone_rewrite"]
+    pairs = build_examples(tone, {"feedback": generate_user("u", scale=3)["feedback"]})
+    job = job_for(tone, "u", pairs, tmp_path)
+    assert len(job.train) + len(job.validation) >= MAIL.budget.validate_below
+    assert job.early_stopping and job.validation, "a large DPO user still chooses its step on a slice"
+
+
 def test_early_stopping_keeps_the_best_scored_step_of_the_validation_curve(tiny_base, stopped):
     job, result = stopped
     steps, losses = zip(*result.validation_curve)
