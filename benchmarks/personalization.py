@@ -8,9 +8,10 @@ showing the base model their own similar past replies, and is the eval gate righ
         --refit-steps '{"hm-65": 30, "hm-771": 80}'     # refit on the steps an earlier "new" run printed
 
 The corpus is ``benchmarks/corpus/history-meta`` (real people's replies, CC BY-SA; see its
-ATTRIBUTION.md; ``--corpus benchmarks/corpus/history-meta-2023``: authors' replies tuning never saw), read as ``mail`` records through the same validation ``lora-assets ingest``
-applies, built into ``mail_reply`` datasets by the mode's own builder, and trained through
-``job_for`` and ``train_adapters`` as the pipeline does. Per author, on the gate's held-out set:
+ATTRIBUTION.md; ``--corpus benchmarks/corpus/history-meta-2023``: replies tuning never saw),
+read as ``mail`` records through the same validation ``lora-assets ingest`` applies, built into
+``mail_reply`` datasets by the mode's own builder, and trained through ``job_for`` and
+``train_adapters`` as the pipeline does. Per author, on the gate's held-out set:
 
 1. held-out loss of the base, the base with the author's K most similar training replies in the
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
