@@ -237,7 +237,9 @@ def budgets_table(base, variants: dict[str, dict]) -> None:
     show(rows, ["author", "train", "base", *[h for n in names for h in (n, "steps")]])
     scores = {n: _per_example(base, variants[n]) for n in names}  # each scored once
     # Each variant against the first, and the default against validation at every size (what it replaced).
-    pairs = [(n, names[0]) for n in names[1:]] + [("new", "validate")] * ({"new", "validate"} <= set(names[1:]))
+    pairs = [(n, names[0]) for n in names[1:]]
+    if {"new", "validate"} <= set(names[1:]):
+        pairs.append(("new", "validate"))
     for n, ref in pairs:  # whether a difference in the mean is more than the held-out sets' noise
         low, mid, high = _difference_interval(scores[n], scores[ref])
         print(f"  {n} minus {ref}: {mid:+.4f} nats mean held-out loss over the authors, 95% interval "

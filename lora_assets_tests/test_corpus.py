@@ -23,14 +23,19 @@ HELD_OUT = CORPUS.parent / "history-meta-2023"  # later replies, none of them in
 SMALLEST = "hm-28734"  # 27 replies
 
 
+def _ingested(path: Path) -> tuple[list[dict], object]:
+    """An author's records and the table ingest makes of them (raises on what ingest refuses)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return records, records_to_table("mail", records, f"{path.name}: ")
+
+
 def test_the_corpus_has_twenty_authors_of_real_writing_each_credited():
     files = sorted(CORPUS.glob("hm-*.jsonl"))
     credits = (CORPUS / "ATTRIBUTION.md").read_text()
     assert len(files) >= 20 and "CC BY-SA 3.0" in credits
     assert sum(f.stat().st_size for f in files) < 4_000_000
     for path in files:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        table = records_to_table("mail", records, f"{path.name}: ")  # what ingest accepts
+        records, table = _ingested(path)
         words = sum(len(r.split()) for r in table.column("reply").to_pylist())
         examples = build_examples(MODES["mail_reply"], {"mail": table})
         assert words >= 1500 and len(examples) == len(records) and (examples.split == "eval").any(), path.name
@@ -45,8 +50,7 @@ def test_the_held_out_authors_share_no_reply_with_the_corpus_and_are_credited():
     assert len(files) >= 15 and "CC BY-SA 4.0" in credits
     assert sum(f.stat().st_size for f in files) < 3_000_000
     for path in files:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        table = records_to_table("mail", records, f"{path.name}: ")
+        records, table = _ingested(path)
         assert not {r["id"] for r in records} & seen, f"{path.name} repeats replies of the corpus"
         assert len(build_examples(MODES["mail_reply"], {"mail": table})) == len(records), path.name
         assert f"| {path.name} |" in credits, f"{path.name} is not credited"
