@@ -179,7 +179,8 @@ def job_for(
             "training_reason": plan.reason,
             "incremental_streak": plan.streak,
             "warm_start_version": plan.warm_start_version,
-            "examples_trained": len(train),
+            # A refit (``StepBudget.refit``) trains the kept adapter on the slice's examples too.
+            "examples_trained": len(train) + (len(validation) if validation and steps is None and mode.budget.refit else 0),
             "validation_examples": len(validation),
             "trained_examples": example_fingerprints(dataset),
             **(metadata or {}),

@@ -59,7 +59,10 @@ class StepBudget:
     the slice is scored every ``eval_every`` steps from ``first_kept`` on, training stops after
     ``patience`` scores without an improvement of ``min_improvement`` nats, and the adapter of
     the best scored step is kept, or (``average``) the mean of its weights and those of the
-    scored steps either side of it where that mean scores better on the slice.
+    scored steps either side of it where that mean scores better on the slice. With ``refit``
+    that pass only chooses: a fresh adapter then trains on every example, the slice's too, for
+    the best step's number of steps, and that one is kept (for small users the slice's examples
+    are a share worth having; measured on real writing in ``benchmarks/personalization.py``).
     Only users with fewer than ``validate_below`` training examples get a slice: from there on
     ``epochs`` passes over every example at the rate's maximum did better than validation on
     real writing (the slice's examples and a step chosen on them cost more than the choice wins;
@@ -83,6 +86,7 @@ class StepBudget:
     min_validation: int = 4  # fewer would be noise: no slice, the epochs formula decides
     max_validation: int = 32  # scoring more costs more than it tells
     average: bool = True  # keep the mean of the best and its neighbouring scored steps if it scores better
+    refit: bool = True  # then train a fresh adapter on every example, the slice too, for the step chosen
 
     def steps(self, n_examples: int, batch_size: int) -> int:
         """The formula budget: ``epochs`` passes, at most ``max_steps``, at least ``min_steps``

@@ -261,9 +261,9 @@ MODES: dict[str, Mode] = {
             objective=DPO(beta=0.1),
             system="Rewrite this in my tone.",
             # DPO on feedback pairs: not re-tuned on the corpus (it has no preferences), so neither
-            # is its budget: validation chooses the step at every size
+            # is its budget: validation chooses the step at every size, and keeps that adapter
             learning_rate=LearningRate(base=1e-3, maximum=1e-3),
-            budget=StepBudget(validate_below=None),
+            budget=StepBudget(validate_below=None, refit=False),
         ),
     ]
 }

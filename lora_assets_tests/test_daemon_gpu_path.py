@@ -1,7 +1,8 @@
 """The training path a GPU worker takes, through the real daemon on this CPU: the base in bf16
 (``LORA_ASSETS_DTYPE=bf16``, what ``auto`` picks on CUDA), fused groups with every job in each
 pass (``LORA_ASSETS_FUSION=batched``), each mode's own step budget: the formula's floor for a
-user too small for a validation slice, early stopping on a slice, 2 epochs from 60 examples on."""
+user too small for a validation slice, early stopping on a slice then the refit of every example
+for the step it chose, 2 epochs from 60 examples on."""
 
 from __future__ import annotations
 
@@ -52,8 +53,10 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
 
     state = daemon.settings.state()
     adapters = {user: state.training("tiny-llama", user, "mail_reply") for user in users}
+    for user in ("small", "large"):  # the sliced user's pass that chose its steps trained with them
+        assert adapters[user]["fused_with"] == 3 and "train_seconds" not in adapters[user], \
+            "a fused adapter has no time of its own"
     for user, meta in adapters.items():
-        assert meta["fused_with"] == 3 and "train_seconds" not in meta, "a fused adapter has no time of its own"
         assert meta["adapter_eval_loss"] < meta["base_eval_loss"], user
     assert adapters["small"]["steps"] < adapters["large"]["steps"]
     assert adapters["small"]["group_seconds"] < adapters["large"]["group_seconds"]
@@ -71,9 +74,12 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
         base.model = model.unload()
     mail = MODES["mail_reply"]
     assert recorded["small"]["validation_examples"] == 0 and recorded["small"]["metrics"]["steps"] == 30
-    sliced_meta = recorded["sliced"]
-    assert sliced_meta["validation_examples"] >= 4 and sliced_meta["metrics"]["best_step"], "early stopping ran"
-    assert rates["sliced"] == mail.learning_rate.for_examples(sliced_meta["examples_trained"]), "the rate by examples"
+    sliced_meta, metrics = recorded["sliced"], recorded["sliced"]["metrics"]
+    assert sliced_meta["validation_examples"] >= 4 and metrics["best_step"], "early stopping ran"
+    assert metrics["refit"] and metrics["steps"] == metrics["best_step"] <= metrics["validation_steps"], \
+        "then every example trained for the step it chose"
+    chosen_on = sliced_meta["examples_trained"] - sliced_meta["validation_examples"]  # the refit trained the slice too
+    assert rates["sliced"] == mail.learning_rate.for_examples(chosen_on), "the rate by examples"
     large_meta = recorded["large"]
     assert large_meta["validation_examples"] == 0 and large_meta["examples_trained"] >= mail.budget.validate_below
     assert rates["large"] == mail.learning_rate.maximum, "from 60 examples on: 2 epochs at the maximum rate"

@@ -18,8 +18,8 @@ from lora_assets.training.early_stopping import EarlyStopping
 
 MAIL = MODES["mail_reply"]
 # Short scores so a tiny model at a high rate overfits inside the test's budget; the best step
-# alone is kept (checkpoint averaging has its own tests below).
-BUDGET = StepBudget(first_kept=6, max_steps=60, eval_every=3, patience=2, average=False)
+# alone is kept (checkpoint averaging and the refit on every example have their own tests below).
+BUDGET = StepBudget(first_kept=6, max_steps=60, eval_every=3, patience=2, average=False, refit=False)
 
 
 def _job(tables, user, out, **kw):
@@ -207,3 +207,54 @@ def test_an_averaged_adapter_is_saved_and_recorded_when_the_mean_beats_the_best_
         metrics = read_adapter_metadata(job.output_dir)["metrics"]
         assert (metrics["averaged"], metrics["validation_loss"]) == (result.averaged, result.validation_loss)
     assert any(r.averaged for r in results), "a noisy trajectory's mean scores better somewhere"
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("fusion", ["sequential", "batched"])
+def test_a_refit_trains_every_example_for_the_step_validation_chose_and_only_it_is_kept(
+        tiny_base, synthetic_tables, stopped, tmp_path, fusion):
+    """``StepBudget.refit`` (the default below 60 examples): the validation pass only chooses the
+    steps; a fresh adapter of every example, the slice's too, trains that many and is the one
+    written, recorded and handed to ``on_saved``, with the job the caller gave."""
+    plain_job, plain = stopped  # the same job without refit: its validation pass
+    jobs = [replace(plain_job, output_dir=tmp_path / "a" / "mail_reply", budget=replace(BUDGET, refit=True)),
+            _job(synthetic_tables, "user-001", tmp_path / "b" / "mail_reply", budget=replace(BUDGET, refit=True))]
+    saved = []
+    results = train_adapters(jobs, tiny_base, progress=None, fusion=fusion, on_saved=lambda j, r: saved.append((j, r)))
+    assert len(saved) == 2 and {id(j): r for j, r in saved} == {id(j): r for j, r in zip(jobs, results)}, \
+        "told once per job, of the refit, with the job it was given"
+    for job, result in zip(jobs, results):
+        assert result.refit and result.steps == result.best_step < result.validation_steps
+        assert result.best_step == min(result.validation_curve, key=lambda p: p[1])[0]
+        assert sorted(p.name for p in job.output_dir.parent.iterdir()) == ["mail_reply"], "nothing of the choosing pass written"
+        metrics = read_adapter_metadata(job.output_dir)["metrics"]
+        assert metrics["refit"] and metrics["best_step"] == result.best_step and metrics["steps"] == result.best_step
+    if fusion == "sequential":
+        job, result = jobs[0], results[0]
+        assert result.validation_curve == plain.validation_curve and result.best_step == plain.best_step
+        everything = replace(job, train=[*job.train, *job.validation], validation=(), max_steps=plain.best_step,
+                             output_dir=tmp_path / "by-hand")
+        train_adapters([everything], tiny_base, progress=None, fusion="sequential")
+        refit, by_hand = _tensors(job.output_dir), _tensors(everything.output_dir)
+        assert refit.keys() == by_hand.keys()
+        assert all(refit[k].equal(by_hand[k]) for k in refit), "the kept adapter is every example for the chosen steps"
+        assert not _tensors_equal_to_validation_pass(tiny_base, job, plain)
+
+
+def _tensors_equal_to_validation_pass(tiny_base, job, plain) -> bool:
+    """Whether the refit kept the validation pass's own adapter (it must not)."""
+    return evaluate_adapter(tiny_base, job.output_dir, job.validation) == pytest.approx(plain.validation_loss, abs=1e-6)
+
+
+def test_a_full_training_of_the_product_refits_below_60_examples_and_records_the_slices_examples_as_trained(
+        synthetic_tables, tmp_path):
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
+    job = job_for(MAIL, "user-000", dataset, tmp_path)
+    assert MAIL.budget.refit and job.refits and len(job.train) + len(job.validation) < MAIL.budget.validate_below
+    assert job.metadata["examples_trained"] == len(job.train) + len(job.validation)
+    assert not MODES["tone_rewrite"].budget.refit, "DPO (not measured on real writing) keeps its pass's adapter"

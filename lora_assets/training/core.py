@@ -32,6 +32,7 @@ from lora_assets.training.early_stopping import EarlyStopping
 from lora_assets.training.fused import train_fused
 from lora_assets.training.gguf_lora import GGUF_FILE, GGUF_TYPES, gguf_architecture, write_gguf_adapter
 from lora_assets.training.jobs import (
+    ChosenStep,
     InvalidTrainingData,
     ProgressFn,
     TrainJob,
@@ -81,25 +82,70 @@ def train_adapters(
     ``sequential``, ``interleaved``, ``batched``) on the base's device, at most ``fuse`` jobs per
     fused group, shortest budget first. ``on_saved(job, result)`` is called as soon as each
     adapter is on disk and the base model is free again, also in the middle of a fused group, so
-    a caller can evaluate, publish and report while the rest trains.
+    a caller can evaluate, publish and report while the rest trains. A job that ``refits``
+    (``StepBudget.refit``) trains twice: a validation pass chooses its steps, then the call's
+    refits train on every example for theirs; callbacks hear of the refit only.
     """
     for job in jobs:
         validate_job(job)
     base = base_model if isinstance(base_model, LoadedBaseModel) else load_base_model(base_model, home)
+    # A job that refits first trains a pass that only chooses its steps: nothing of it is written
+    # and no callback hears of it; then every example trains for those steps.
+    choosing = {id(job) for job in jobs if job.refits}
+
+    def told(callback):
+        return callback and (lambda job, x: None if id(job) in choosing else callback(job, x))
+
+    results = _train_groups(jobs, base, progress, told(on_trained), fuse, told(on_saved), fusion, choosing)
+    refits = {i: job.refitted(_chosen(results[i])) for i, job in enumerate(jobs) if id(job) in choosing}
+    if refits:
+        original = {id(refit): jobs[i] for i, refit in refits.items()}  # callers know their own jobs
+
+        def as_theirs(callback):
+            return callback and (lambda job, x: callback(original[id(job)], x))
+
+        refitted = _train_groups(list(refits.values()), base, progress, as_theirs(on_trained), fuse,
+                                 as_theirs(on_saved), fusion)
+        results.update({i: refitted[k] for k, i in enumerate(refits)})
+    return [results[i] for i in range(len(jobs))]
+
+
+def _chosen(result: TrainResult) -> ChosenStep:
+    return ChosenStep(best_step=result.best_step or result.steps, validation_curve=result.validation_curve,
+                      validation_loss=result.validation_loss, steps=result.steps)
+
+
+def _train_groups(
+    jobs: Sequence[TrainJob],
+    base: LoadedBaseModel,
+    progress: ProgressFn | None,
+    on_trained: Callable[[TrainJob, Any], None] | None,
+    fuse: int,
+    on_saved: Callable[[TrainJob, TrainResult], None] | None,
+    fusion: str,
+    unsaved: set[int] = frozenset(),
+) -> dict[int, TrainResult]:
+    """Train ``jobs`` as planned (``variant.plan_training``), writing none whose id is in
+    ``unsaved``: index -> result."""
+
+    def save(model, job: TrainJob, result: TrainResult) -> None:
+        if id(job) not in unsaved:
+            _save_adapter(model, job, base, result)
+
     results: dict[int, TrainResult] = {}
     for group in plan_training(jobs, base.device, fuse, fusion):
         if group.variant == SEQUENTIAL:
             (i,) = group.jobs
-            results[i] = _train_one(jobs[i], base, progress, on_trained)
+            results[i] = _train_one(jobs[i], base, progress, on_trained, save)
             if on_saved is not None:
                 on_saved(jobs[i], results[i])
             continue
         fused = train_fused(
-            [jobs[i] for i in group.jobs], base, progress, on_trained, _save_adapter_for(base),
+            [jobs[i] for i in group.jobs], base, progress, on_trained, save,
             jobs_per_pass=group.jobs_per_pass, on_saved=on_saved,
         )
         results.update(zip(group.jobs, fused))
-    return [results[i] for i in range(len(jobs))]
+    return results
 
 
 def _train_one(
@@ -107,6 +153,7 @@ def _train_one(
     base: LoadedBaseModel,
     progress: ProgressFn | None,
     on_trained: Callable[[TrainJob, Any], None] | None,
+    save: Callable[[Any, TrainJob, TrainResult], None],
 ) -> TrainResult:
     from lora_assets.training.peft_models import new_lora, saved_lora
 
@@ -165,21 +212,14 @@ def _train_one(
             seconds=seconds,
             tokens_per_second=total_tokens / seconds if seconds else 0.0,
             extra_metrics={**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}},
-            best_step=stopping.best_step,
-            validation_curve=stopping.curve,
-            averaged=stopping.averaged,
-            validation_loss=stopping.kept_loss,
+            **stopping.record(),
         )
-        _save_adapter(model, job, base, result)
+        save(model, job, result)
         return result
     finally:
         # Strip the LoRA layers so the next job starts from the untouched base.
         base.model = model.unload()
         base.model.eval()
-
-
-def _save_adapter_for(base: LoadedBaseModel) -> Callable[[Any, TrainJob, TrainResult], None]:
-    return lambda model, job, result: _save_adapter(model, job, base, result)
 
 
 def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResult) -> None:

@@ -43,6 +43,17 @@ class EarlyStopping:
         self._after: Weights = None
         self.averaged: bool = False  # whether the kept weights are the average (``finish``)
 
+    def record(self) -> dict[str, Any]:
+        """The ``TrainResult`` fields of what was chosen: this pass's, or for a refit (which has no
+        slice) those of the validation pass that chose its steps."""
+        chosen = self.job.chosen
+        if chosen is not None:
+            return {"best_step": chosen.best_step, "validation_curve": list(chosen.validation_curve),
+                    "averaged": False, "validation_loss": chosen.validation_loss, "refit": True,
+                    "validation_steps": chosen.steps}
+        return {"best_step": self.best_step, "validation_curve": self.curve, "averaged": self.averaged,
+                "validation_loss": self.kept_loss}
+
     @property
     def kept_loss(self) -> float | None:
         """The slice's score of the weights kept: the best step's, or their mean's (``finish``)."""

@@ -279,10 +279,7 @@ def _finish(
         fused_with=len(state),
         group_seconds=clock,
         group_tokens_per_second=group_tokens / clock if clock else 0.0,
-        best_step=s.stopping.best_step,
-        validation_curve=s.stopping.curve,
-        averaged=s.stopping.averaged,
-        validation_loss=s.stopping.kept_loss,
+        **s.stopping.record(),
     )
     s.optimizer, s.schedule, s.prepared = None, None, None  # type: ignore[assignment]
     _save_through_peft(base, s.job, weights, result, on_trained, save)

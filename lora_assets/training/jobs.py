@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,16 @@ from lora_assets.objective import SFT, Objective
 
 class InvalidTrainingData(ValueError):
     """A job's examples cannot be trained on; the message names the job and the example."""
+
+
+@dataclass(frozen=True)
+class ChosenStep:
+    """What the validation pass that chose a refit's steps recorded (kept on the refit's result)."""
+
+    best_step: int  # the step validation kept: the refit trains this many
+    validation_curve: list[tuple[int, float]]  # (step, validation loss) as scored
+    validation_loss: float | None  # the slice's score of the weights that pass kept
+    steps: int  # the steps that pass trained
 
 
 @dataclass
@@ -40,6 +50,7 @@ class TrainJob:
     gguf_type: str = "f16"  # adapter.gguf for llama.cpp devices beside the PEFT files: f32, f16, q8_0; "" for none
     peft_dtype: str = "fp32"  # dtype of the saved adapter_model.safetensors: fp32 (what peft trains in), fp16, bf16
     metadata: dict[str, Any] = field(default_factory=dict)  # copied into lora_assets.json
+    chosen: ChosenStep | None = None  # a refit: what the validation pass that chose its steps recorded
 
     @property
     def steps(self) -> int:
@@ -72,6 +83,16 @@ class TrainJob:
         """Whether validation chooses the step: a slice is given and no fixed ``max_steps``."""
         return bool(self.validation) and self.max_steps is None
 
+    @property
+    def refits(self) -> bool:
+        """Whether validation only chooses the steps and a refit on every example is kept."""
+        return self.early_stopping and self.budget.refit
+
+    def refitted(self, chosen: ChosenStep) -> TrainJob:
+        """The refit: every example, the slice too, for the steps validation chose, from scratch."""
+        return replace(self, train=[*self.train, *self.validation], validation=(), max_steps=chosen.best_step,
+                       chosen=chosen)
+
 
 @dataclass
 class TrainResult:
@@ -99,6 +120,8 @@ class TrainResult:
     validation_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) as scored
     averaged: bool = False  # the kept weights are the mean of the best scored step's and its neighbours'
     validation_loss: float | None = None  # the validation slice's score of the kept weights
+    refit: bool = False  # validation chose ``best_step``; the adapter kept was then trained on every example
+    validation_steps: int | None = None  # a refit: the steps its validation pass trained to choose
 
     def timing(self) -> dict[str, Any]:
         """The timing figures that apply, under names that say whose they are."""
