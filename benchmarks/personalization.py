@@ -17,13 +17,14 @@ read as ``mail`` records through the same validation ``lora-assets ingest`` appl
    prompt (the retrieval baseline), the author's adapter, and the adapter with retrieval;
 2. step budgets: the new default (below 60 training examples a validation slice chooses the
    step, early stopping within [first_kept, max_steps], learning rate 3e-4 rising with the
-   author's examples, the best step's weights averaged with its scored neighbours where that
-   scores better; from 60 on 2 epochs at 1e-3) against the old default (2 epochs within
-   [10, 120] at 1e-3 for every size), validation at every size (``validate``, the default to
-   2026-12-07) and the old fixed 30 steps at 1e-3, and
+   author's examples, then every example trains for that step; from 60 on 2 epochs at 1e-3)
+   against the old default (2 epochs within [10, 120] at 1e-3 for every size), validation at
+   every size keeping its own adapter (``validate``, the default to 2026-12-07; the best step's
+   weights averaged with its scored neighbours where that scores better), the cut-over without
+   the refit (``cutover``) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
-   the slice's size, ``noavg``: the best step alone; ``refit``: the step validation chose,
-   retrained on every example) for tuning; each variant's mean held-out loss minus the first
+   the slice's size, ``noavg``: the best step alone; ``refit``: given steps (``--refit-steps``)
+   on every example) for tuning; each variant's mean held-out loss minus the first
    variant's, with a 95 % interval (held-out examples resampled per author);
 3. the own-vs-other attribution matrix: each author's held-out replies under every author's
    adapter, and whether their own scores best;
@@ -85,6 +86,11 @@ def _validated(job):
     return replace(job, train=train, validation=validation, learning_rate=MODE.learning_rate.for_examples(len(train)))
 
 
+def _chosen_only(job):
+    """The job keeping its validation pass's adapter: no refit on every example."""
+    return replace(job, budget=replace(job.budget, refit=False))
+
+
 def _smaller_slice(job, fraction: float = 0.10, most: int = 16):
     """The job with a validation slice of ``fraction`` (at most ``most``): the rest is trained on."""
     if not job.validation:
@@ -109,7 +115,8 @@ VARIANTS = {
     "delta0": lambda job: replace(job, budget=replace(job.budget, min_improvement=0.0)),  # stop on no improvement only
     "decay": lambda job: replace(job, decay_to=0.1),  # the rate falls linearly to a tenth over the budget
     "slice16": _smaller_slice,  # a validation slice of 10 %, at most 16 examples
-    "noavg": lambda job: replace(job, budget=replace(job.budget, average=False)),  # the best step alone, no averaging
+    # The validation pass's best step alone, no averaging and no refit.
+    "noavg": lambda job: _chosen_only(replace(job, budget=replace(job.budget, average=False))),
     # The formula's floor at 10 steps too (for authors without a slice): measured 2026-12-06.
     "min10": lambda job: replace(job, budget=replace(job.budget, min_steps=10, first_kept=10)),
     "first30": lambda job: replace(job, budget=replace(job.budget, first_kept=30)),  # the default before 2026-12-07
@@ -117,10 +124,14 @@ VARIANTS = {
     "r32": lambda job: replace(job, lora=replace(job.lora, r=32, alpha=64)),
     "mlp": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION + MLP)),
     "attention": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION)),
-    # Validation chooses the step, then every example (the slice too) is trained for that many steps.
+    # Every example (the slice too) for given steps (--refit-steps, or what "new" kept): the refit
+    # put together from two runs, as measured before the product refit (2026-12-07).
     "refit": None,
-    # Validation chooses the step at every size, as the default did to 2026-12-07 (before ``validate_below``).
-    "validate": _validated,
+    # Validation chooses the step at every size and its adapter is kept, as the default did to
+    # 2026-12-07 (before ``validate_below`` and the refit).
+    "validate": lambda job: _chosen_only(_validated(job)),
+    # The default of 2026-12-07 before the refit: below 60 the validation pass's adapter is kept.
+    "cutover": _chosen_only,
 }
 
 
