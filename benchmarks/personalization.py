@@ -243,7 +243,8 @@ def budgets_table(base, variants: dict[str, dict]) -> None:
         row = [a, len(job.train) + len(job.validation), first.base_eval_loss]
         for n in names:
             r = variants[n][a][1]
-            row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "") + (" avg" if r.averaged else "")]
+            row += [r.adapter_eval_loss, f"{r.steps}" + (f"/best {r.best_step}" if r.best_step else "")
+                    + (" avg" if r.averaged else "") + (f" refit of {r.validation_steps}" if r.refit else "")]
         rows.append(row)
     show(rows, ["author", "train", "base", *[h for n in names for h in (n, "steps")]])
     scores = {n: _per_example(base, variants[n]) for n in names}  # each scored once
@@ -376,7 +377,7 @@ def main() -> None:
             variants[name] = train_variant(base, name, datasets, out, chosen=steps)
         if "new" in variants:
             print(f"  steps validation kept (--refit-steps): {json.dumps(kept_steps(variants['new']))}", flush=True)
-        print("\nstep budgets and settings: held-out loss (steps trained / step kept)")
+        print("\nstep budgets and settings: held-out loss (steps trained / step kept; a refit also says what its choosing pass trained)")
         budgets_table(base, variants)
         if args.sweep:
             return
