@@ -143,7 +143,7 @@ def test_a_fused_group_stops_each_job_at_its_own_best_step(tiny_base, synthetic_
 def _scripted(scores: list[float], average: bool) -> tuple[EarlyStopping, list[float]]:
     """Early stopping driven by a scripted validation curve. Step s's "weights" are the number
     s * s; after training, validation scores weights 0.1 plus their distance from ``AVERAGED``."""
-    budget = StepBudget(first_kept=1, max_steps=len(scores), eval_every=1, patience=9, average=average)
+    budget = StepBudget(first_kept=1, max_steps=len(scores), eval_every=1, patience=9, average=average, refit=False)
     job = TrainJob("u/mail_reply", train=["x"], validation=["y"], output_dir=Path("unused"), max_steps=None, budget=budget)
     weights, curve = [0.0], iter(scores)
 
@@ -161,7 +161,8 @@ AVERAGED = (4 + 9 + 16) / 3  # steps 2, 3 and 4
 
 
 def test_checkpoint_averaging_keeps_the_mean_of_the_best_step_and_its_neighbours_when_it_scores_better():
-    assert MAIL.budget.average, "a mode's full trainings average by default"
+    tone = MODES["tone_rewrite"].budget
+    assert tone.average and not tone.refit, "a mode that keeps its validation pass's adapter averages by default"
     stopping, weights = _scripted([0.9, 0.6, 0.5, 0.7, 0.8], average=True)
     stopping.finish()
     assert stopping.best_step == 3 and stopping.averaged
@@ -222,8 +223,9 @@ def test_a_refit_trains_every_example_for_the_step_validation_chose_and_only_it_
     steps; a fresh adapter of every example, the slice's too, trains that many and is the one
     written, recorded and handed to ``on_saved``, with the job the caller gave."""
     plain_job, plain = stopped  # the same job without refit: its validation pass
-    jobs = [replace(plain_job, output_dir=tmp_path / "a" / "mail_reply", budget=replace(BUDGET, refit=True)),
-            _job(synthetic_tables, "user-001", tmp_path / "b" / "mail_reply", budget=replace(BUDGET, refit=True))]
+    refit = replace(BUDGET, refit=True, average=True)  # averaging is for a pass's own adapter: not done
+    jobs = [replace(plain_job, output_dir=tmp_path / "a" / "mail_reply", budget=refit),
+            _job(synthetic_tables, "user-001", tmp_path / "b" / "mail_reply", budget=refit)]
     saved = []
     results = train_adapters(jobs, tiny_base, progress=None, fusion=fusion, on_saved=lambda j, r: saved.append((j, r)))
     assert len(saved) == 2 and {id(j): r for j, r in saved} == {id(j): r for j, r in zip(jobs, results)}, \
@@ -231,6 +233,7 @@ def test_a_refit_trains_every_example_for_the_step_validation_chose_and_only_it_
     for job, result in zip(jobs, results):
         assert result.refit and result.steps == result.best_step < result.validation_steps
         assert result.best_step == min(result.validation_curve, key=lambda p: p[1])[0]
+        assert not result.averaged and result.validation_loss == min(loss for _, loss in result.validation_curve)
         assert sorted(p.name for p in job.output_dir.parent.iterdir()) == ["mail_reply"], "nothing of the choosing pass written"
         metrics = read_adapter_metadata(job.output_dir)["metrics"]
         assert metrics["refit"] and metrics["best_step"] == result.best_step and metrics["steps"] == result.best_step

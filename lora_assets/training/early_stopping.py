@@ -8,7 +8,8 @@ did not improve on it; ``finish`` puts the best weights back. Only steps from th
 step kept is the best scored one; training goes on only while scores improve by the budget's
 ``min_improvement``, so a user already learned to a few thousandths of a nat stops. With the
 budget's ``average`` (the default), ``finish`` also scores the mean of the best step's weights and
-those of its scored neighbours, and keeps whichever scores better on the slice.
+those of its scored neighbours, and keeps whichever scores better on the slice; not for a job that
+``refits``, whose pass only chooses the number of steps (``core.train_adapters``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class EarlyStopping:
         if loss is None:
             return False
         self.curve.append((step, loss))
-        average = self.job.budget.average
+        # A refit keeps another adapter: only the best step's number matters, not a mean of weights.
+        average = self.job.budget.average and not self.job.refits
         if loss < self._best_loss:
             self._best_loss, self.best_step = loss, step
             self._before, self._after = (self._previous if average else None), None
