@@ -226,8 +226,9 @@ def withdraw(settings: Settings, work: AdapterWork, reason: str):
     """Withdraw the published adapter (a tombstone for devices) and drop every local copy."""
     from lora_assets.drive.publish import withdraw_adapter
 
-    shutil.rmtree(adapter_folder(settings, work), ignore_errors=True)
-    shutil.rmtree(published_copies(settings, work), ignore_errors=True)
+    for folder in [adapter_folder(settings, work), *_leftovers(adapter_folder(settings, work)),
+                   published_copies(settings, work)]:
+        shutil.rmtree(folder, ignore_errors=True)
     return withdraw_adapter(settings.drive(), work.user, work.base_model, work.mode, reason)
 
 
@@ -237,11 +238,15 @@ DELETED_REASON = "trained on records the user deleted"
 def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
     """Remove every copy of the adapter trained on an example that is not in ``live`` (the
     dataset's training ids) any more: drive versions (CURRENT becomes a tombstone if it points at
-    one), the data dir's downloaded copies and the working copy. Returns the ``PurgeResult``.
+    one), the data dir's downloaded copies and the working copy, and whatever a save killed
+    mid-way left beside it. Returns the ``PurgeResult``.
     """
     from lora_assets.drive.publish import learned_deleted, purge_versions
 
-    for folder in [adapter_folder(settings, work), *_subfolders(published_copies(settings, work))]:
+    working = adapter_folder(settings, work)
+    for leftover in _leftovers(working):  # a save killed before its rename: a copy nobody reads
+        shutil.rmtree(leftover, ignore_errors=True)
+    for folder in [working, *_subfolders(published_copies(settings, work))]:
         meta = folder / "lora_assets.json"
         try:
             metadata = json.loads(meta.read_text()) if meta.exists() else None
@@ -250,6 +255,14 @@ def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
         if not meta.exists() or learned_deleted(metadata, live):
             shutil.rmtree(folder, ignore_errors=True)  # a half-written copy, or one of deleted data
     return purge_versions(settings.drive(), work.user, work.base_model, work.mode, live, DELETED_REASON)
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Hidden siblings a killed ``training.core._save_adapter`` leaves: its temporary folder
+    (``.<name>-*``) or the previous adapter it was replacing (``.<name>.old-*``)."""
+    if not folder.parent.is_dir():
+        return []
+    return [p for pattern in (f".{folder.name}-*", f".{folder.name}.old-*") for p in folder.parent.glob(pattern)]
 
 
 def _subfolders(path: Path) -> list[Path]:

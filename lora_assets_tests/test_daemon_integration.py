@@ -374,12 +374,19 @@ def test_a_deleted_record_is_gone_from_every_file_event_and_version(daemon, tiny
     assert len(trained) == 2 and all(rid in json.loads(drive.get(f"{prefix}/{v}/lora_assets.json"))["trained_examples"]
                                      for v in trained), "published twice, both trained on the planted mail"
     assert _files_holding([daemon.data], marker), "the search finds the string while it is stored"
+    # What a save killed (kill -9) before its rename leaves beside the working copy: copies of an
+    # adapter trained on the mail, which no reader looks at but the purge must remove.
+    working = daemon.data / "adapters" / "tiny-llama" / user / "mail_reply"
+    leftovers = [working.with_name(".mail_reply-killed"), working.with_name(".mail_reply.old-999")]
+    for leftover in leftovers:
+        shutil.copytree(working, leftover)
 
     daemon.ingest(user, "mail", [{"id": rid, "_deleted": True}])
     runs = daemon.new_runs(before, allow_failures=True)
 
     assert not [r.run_id for r in runs if r.status != DagsterRunStatus.SUCCESS]
     assert _files_holding([daemon.data, daemon.dagster_home], marker) == []
+    assert not [p for p in leftovers if p.exists()], "a killed save's copies went with the rest"
     (kept,) = list_versions(drive, user, "tiny-llama", "mail_reply")
     assert kept[0] not in trained and read_current(drive, user, "tiny-llama", "mail_reply")[0]["version"] == kept[0]
     for run in daemon.instance.get_runs():
