@@ -180,7 +180,7 @@ def job_for(
             "incremental_streak": plan.streak,
             "warm_start_version": plan.warm_start_version,
             # A refit (``StepBudget.refit``) trains the kept adapter on the slice's examples too.
-            "examples_trained": len(train) + (len(validation) if validation and steps is None and mode.budget.refit else 0),
+            "examples_trained": len(train) + (len(validation) if mode.budget.refit else 0),
             "validation_examples": len(validation),
             "trained_examples": example_fingerprints(dataset),
             **(metadata or {}),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_assets.data.user_store import UserStore, table_fingerprint
 from lora_assets.modes import get_mode
+from lora_assets.paths import unfinished_writes
 from lora_assets.settings import Settings
 
 if TYPE_CHECKING:
@@ -226,8 +227,8 @@ def withdraw(settings: Settings, work: AdapterWork, reason: str):
     """Withdraw the published adapter (a tombstone for devices) and drop every local copy."""
     from lora_assets.drive.publish import withdraw_adapter
 
-    for folder in [adapter_folder(settings, work), *_leftovers(adapter_folder(settings, work)),
-                   published_copies(settings, work)]:
+    working = adapter_folder(settings, work)
+    for folder in [working, *unfinished_writes(working), published_copies(settings, work)]:
         shutil.rmtree(folder, ignore_errors=True)
     return withdraw_adapter(settings.drive(), work.user, work.base_model, work.mode, reason)
 
@@ -244,7 +245,7 @@ def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
     from lora_assets.drive.publish import learned_deleted, purge_versions
 
     working = adapter_folder(settings, work)
-    for leftover in _leftovers(working):  # a save killed before its rename: a copy nobody reads
+    for leftover in unfinished_writes(working):  # a save killed before its rename: a copy nobody reads
         shutil.rmtree(leftover, ignore_errors=True)
     for folder in [working, *_subfolders(published_copies(settings, work))]:
         meta = folder / "lora_assets.json"
@@ -255,14 +256,6 @@ def purge_deleted(settings: Settings, work: AdapterWork, live: frozenset[str]):
         if not meta.exists() or learned_deleted(metadata, live):
             shutil.rmtree(folder, ignore_errors=True)  # a half-written copy, or one of deleted data
     return purge_versions(settings.drive(), work.user, work.base_model, work.mode, live, DELETED_REASON)
-
-
-def _leftovers(folder: Path) -> list[Path]:
-    """Hidden siblings a killed ``training.core._save_adapter`` leaves: its temporary folder
-    (``.<name>-*``) or the previous adapter it was replacing (``.<name>.old-*``)."""
-    if not folder.parent.is_dir():
-        return []
-    return [p for pattern in (f".{folder.name}-*", f".{folder.name}.old-*") for p in folder.parent.glob(pattern)]
 
 
 def _subfolders(path: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lora_assets.paths import moved_aside, staging_prefix
 from lora_assets.training.base_models import LoadedBaseModel, load_base_model
 from lora_assets.training.early_stopping import EarlyStopping
 from lora_assets.training.fused import train_fused
@@ -225,7 +226,7 @@ def _train_one(
 def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResult) -> None:
     out = Path(job.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     try:
         model.peft_config["default"].base_model_name_or_path = str(base.ref.path)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -249,7 +250,7 @@ def _save_adapter(model, job: TrainJob, base: LoadedBaseModel, result: TrainResu
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
         old = None
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = moved_aside(out)
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:
