@@ -29,31 +29,31 @@ def _ingested(path: Path) -> tuple[list[dict], object]:
     return records, records_to_table("mail", records, f"{path.name}: ")
 
 
-def test_the_corpus_has_twenty_authors_of_real_writing_each_credited():
-    files = sorted(CORPUS.glob("hm-*.jsonl"))
-    credits = (CORPUS / "ATTRIBUTION.md").read_text()
-    assert len(files) >= 20 and "CC BY-SA 3.0" in credits
-    assert sum(f.stat().st_size for f in files) < 4_000_000
+def _credited_authors(folder: Path, licence: str, authors: int, max_bytes: int) -> list[tuple[Path, list[dict], object]]:
+    """Each author file of ``folder`` with its records and ingested table, once the folder holds at
+    least ``authors`` of them in under ``max_bytes``, names ``licence`` and credits every file."""
+    files = sorted(folder.glob("hm-*.jsonl"))
+    credits = (folder / "ATTRIBUTION.md").read_text()
+    assert len(files) >= authors and licence in credits
+    assert sum(f.stat().st_size for f in files) < max_bytes
     for path in files:
-        records, table = _ingested(path)
+        assert f"| {path.name} |" in credits, f"{path.name} is not credited"
+    return [(path, *_ingested(path)) for path in files]
+
+
+def test_the_corpus_has_twenty_authors_of_real_writing_each_credited():
+    for path, records, table in _credited_authors(CORPUS, "CC BY-SA 3.0", 20, 4_000_000):
         words = sum(len(r.split()) for r in table.column("reply").to_pylist())
         examples = build_examples(MODES["mail_reply"], {"mail": table})
         assert words >= 1500 and len(examples) == len(records) and (examples.split == "eval").any(), path.name
-        assert f"| {path.name} |" in credits, f"{path.name} is not credited"
 
 
 def test_the_held_out_authors_share_no_reply_with_the_corpus_and_are_credited():
     """What checks a rule picked on the corpus must be text the picking never saw."""
     seen = {json.loads(line)["id"] for f in CORPUS.glob("hm-*.jsonl") for line in f.open()}
-    files = sorted(HELD_OUT.glob("hm-*.jsonl"))
-    credits = (HELD_OUT / "ATTRIBUTION.md").read_text()
-    assert len(files) >= 15 and "CC BY-SA 4.0" in credits
-    assert sum(f.stat().st_size for f in files) < 3_000_000
-    for path in files:
-        records, table = _ingested(path)
+    for path, records, table in _credited_authors(HELD_OUT, "CC BY-SA 4.0", 15, 3_000_000):
         assert not {r["id"] for r in records} & seen, f"{path.name} repeats replies of the corpus"
         assert len(build_examples(MODES["mail_reply"], {"mail": table})) == len(records), path.name
-        assert f"| {path.name} |" in credits, f"{path.name} is not credited"
 
 
 def test_an_author_of_the_corpus_is_ingested_trained_and_gated_like_any_user(tmp_path, home, tiny_base, monkeypatch, capsys):
