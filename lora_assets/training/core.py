@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +90,17 @@ def train_adapters(
     for job in jobs:
         validate_job(job)
     base = base_model if isinstance(base_model, LoadedBaseModel) else load_base_model(base_model, home)
-    # A job that refits first trains a pass that only chooses its steps: nothing of it is written
-    # and no callback hears of it; then every example trains for those steps.
-    choosing = {id(job) for job in jobs if job.refits}
+    # A job that refits first trains a pass that only chooses its steps: nothing of it is written,
+    # no callback hears of it, and it scores no held-out set (the refit is what the gate judges);
+    # then every example trains for those steps.
+    passes = [replace(job, eval=()) if job.refits else job for job in jobs]
+    choosing = {id(first) for job, first in zip(jobs, passes) if first is not job}
 
     def told(callback):
         return callback and (lambda job, x: None if id(job) in choosing else callback(job, x))
 
-    results = _train_groups(jobs, base, progress, told(on_trained), fuse, told(on_saved), fusion, choosing)
-    refits = {i: job.refitted(_chosen(results[i])) for i, job in enumerate(jobs) if id(job) in choosing}
+    results = _train_groups(passes, base, progress, told(on_trained), fuse, told(on_saved), fusion, choosing)
+    refits = {i: job.refitted(_chosen(results[i])) for i, job in enumerate(jobs) if id(passes[i]) in choosing}
     if refits:
         original = {id(refit): jobs[i] for i, refit in refits.items()}  # callers know their own jobs
 
