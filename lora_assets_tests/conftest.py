@@ -24,6 +24,14 @@ def tiny_base(home: Path):
 
 
 @pytest.fixture(scope="session")
+def bf16_base(home: Path):
+    """tiny-llama in bf16, the dtype a CUDA worker trains in, forced on this CPU."""
+    from lora_assets.training import TINY_BASE_MODEL, load_base_model
+
+    return load_base_model(TINY_BASE_MODEL, home, device="cpu", dtype="bf16")
+
+
+@pytest.fixture(scope="session")
 def synthetic_tables():
     """Sources of two synthetic users, generated once."""
     from lora_assets.data.synthetic import generate_user

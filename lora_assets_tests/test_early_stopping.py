@@ -216,18 +216,20 @@ def _tensors(folder: Path) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("fusion", ["sequential", "batched"])
+@pytest.mark.parametrize("fusion,dtype", [("sequential", "fp32"), ("batched", "fp32"), ("batched", "bf16")])
 def test_a_refit_trains_every_example_for_the_step_validation_chose_and_only_it_is_kept(
-        tiny_base, synthetic_tables, stopped, tmp_path, fusion):
+        request, tiny_base, synthetic_tables, stopped, tmp_path, fusion, dtype):
     """``StepBudget.refit`` (the default below 60 examples): the validation pass only chooses the
     steps; a fresh adapter of every example, the slice's too, trains that many and is the one
-    written, recorded and handed to ``on_saved``, with the job the caller gave."""
+    written, recorded and handed to ``on_saved``, with the job the caller gave. On a GPU worker
+    the refits of a batch train as one fused group in bf16 (forced here)."""
+    base = tiny_base if dtype == "fp32" else request.getfixturevalue("bf16_base")
     plain_job, plain = stopped  # the same job without refit: its validation pass
     refit = replace(BUDGET, refit=True, average=True)  # averaging is for a pass's own adapter: not done
     jobs = [replace(plain_job, output_dir=tmp_path / "a" / "mail_reply", budget=refit),
             _job(synthetic_tables, "user-001", tmp_path / "b" / "mail_reply", budget=refit)]
     saved = []
-    results = train_adapters(jobs, tiny_base, progress=None, fusion=fusion, on_saved=lambda j, r: saved.append((j, r)))
+    results = train_adapters(jobs, base, progress=None, fusion=fusion, on_saved=lambda j, r: saved.append((j, r)))
     assert len(saved) == 2 and {id(j): r for j, r in saved} == {id(j): r for j, r in zip(jobs, results)}, \
         "told once per job, of the refit, with the job it was given"
     for job, result in zip(jobs, results):
@@ -237,6 +239,7 @@ def test_a_refit_trains_every_example_for_the_step_validation_chose_and_only_it_
         assert sorted(p.name for p in job.output_dir.parent.iterdir()) == ["mail_reply"], "nothing of the choosing pass written"
         metrics = read_adapter_metadata(job.output_dir)["metrics"]
         assert metrics["refit"] and metrics["best_step"] == result.best_step and metrics["steps"] == result.best_step
+        assert None not in (result.base_eval_loss, result.adapter_eval_loss), "the gate's held-out set scores the refit"
     if fusion == "sequential":
         job, result = jobs[0], results[0]
         assert result.validation_curve == plain.validation_curve and result.best_step == plain.best_step

@@ -50,12 +50,6 @@ def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def bf16_base(home):
-    """tiny-llama in bf16, the dtype a CUDA worker trains in, forced on this CPU."""
-    return load_base_model("tiny-llama", home, device="cpu", dtype="bf16")
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_base, bf16_base, synthetic_tables, tmp_path_factory):
     """The same four jobs trained every way: (dtype, variant) -> (jobs, results)."""
     out = tmp_path_factory.mktemp("variants")
