@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_assets_tests.serve_harness import free_port, served  # noqa: F401  one server for the serve test modules
+
 
 @pytest.fixture(scope="session")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -39,14 +41,6 @@ def synthetic_tables():
     return {u: generate_user(u) for u in ("user-000", "user-001")}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def aws(tmp_path_factory):
     """moto's server mode on 127.0.0.1: a real S3 + SQS endpoint, with a bucket whose user-store
@@ -54,7 +48,7 @@ def aws(tmp_path_factory):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -111,7 +105,7 @@ def postgres_url():
         shutil.chown(root, "postgres")
         root.chmod(0o755)
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True)
     subprocess.run(
