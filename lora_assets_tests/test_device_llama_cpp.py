@@ -140,7 +140,18 @@ def test_generate_answers_through_llama_cpp_on_the_device_files(device):
     assert adapted and adapted != bare, (adapted, bare)
     peft = lora_assets(*[c for c in cmd if c not in ("--runtime", "llama-cpp")], env=device["env"]).stdout.strip()
     print(f"llama.cpp: {adapted!r}\npeft fp32: {peft!r}\nbare llama.cpp: {bare!r}")
-    assert adapted.split()[:3] == peft.split()[:3], "greedy answers start alike on both runtimes"
+    # A q8_0 adapter on the Q4_1 base is not the fp32 peft model: where two tokens nearly tie,
+    # greedy decoding may take the other (a leading "Sam," is dropped on an AVX2-only CPU, kept
+    # with AVX-512), so the answers are compared word by word rather than token for token.
+    assert _alike(adapted, peft) >= 0.6 > _alike(bare, peft), "llama.cpp says what peft says, the bare base does not"
+
+
+def _alike(a: str, b: str) -> float:
+    """Share of words two answers have in common, in order (difflib's ratio on lowercase words)."""
+    import difflib
+    import re
+
+    return difflib.SequenceMatcher(None, *(re.findall(r"[a-z']+", s.lower()) for s in (a, b))).ratio()
 
 
 def test_the_device_benchmark_prints_sizes_loss_agreement_and_speed(home):
