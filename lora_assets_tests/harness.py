@@ -120,7 +120,8 @@ class Daemon:
         feed = self.settings.feed()
         return feed.pending_count() if hasattr(feed, "pending_count") else 0
 
-    def settle(self, quiet_s: float = 3.0, allow_failures: bool = False, unreachable_ticks: bool = False) -> list:
+    def settle(self, quiet_s: float = 3.0, allow_failures: bool = False, unreachable_ticks: bool = False,
+               timeout_s: float = SETTLE_TIMEOUT_S) -> list:
         """Wait until the feed is drained, no run is live, backfills are planned, no run appeared
         or changed status for ``quiet_s`` (Dagster's retries look every second here), and every
         sensor has since ticked and requested nothing: then nothing more will happen until the
@@ -128,8 +129,8 @@ class Daemon:
 
         A sensor tick that failed is an error, unless ``unreachable_ticks`` and Dagster failed it
         for not reaching the code server (see ``UNREACHABLE``): the sensor must still have ticked
-        idle since."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        idle since. ``timeout_s`` bounds the wait (liveness, not speed)."""
+        deadline = time.monotonic() + timeout_s
         seen, changed_at = None, time.time()
         while time.monotonic() < deadline:
             assert self.proc is None or self.proc.poll() is None, f"the daemon died; see {self.log_path}"
@@ -144,7 +145,7 @@ class Daemon:
                     assert not failed, f"failed runs: {failed}; see {self.log_path}"
                 return runs
             time.sleep(0.5)
-        raise AssertionError(f"did not settle in {SETTLE_TIMEOUT_S}s; runs: {[(r.run_id, r.status) for r in self.runs()]}")
+        raise AssertionError(f"did not settle in {timeout_s}s; runs: {[(r.run_id, r.status) for r in self.runs()]}")
 
     def sensors_idle_since(self, t: float, ticks: int = 1, unreachable_ticks: bool = False) -> bool:
         """True when every sensor has ``ticks`` ticks that started after ``t`` and requested nothing."""
