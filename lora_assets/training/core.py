@@ -94,13 +94,13 @@ def train_adapters(
     # no callback hears of it, and it scores no held-out set (the refit is what the gate judges);
     # then every example trains for those steps.
     passes = [replace(job, eval=()) if job.refits else job for job in jobs]
-    choosing = {id(first) for job, first in zip(jobs, passes) if first is not job}
+    choosing = {id(first) for job, first in zip(jobs, passes) if job.refits}
 
     def told(callback):
         return callback and (lambda job, x: None if id(job) in choosing else callback(job, x))
 
     results = _train_groups(passes, base, progress, told(on_trained), fuse, told(on_saved), fusion, choosing)
-    refits = {i: job.refitted(_chosen(results[i])) for i, job in enumerate(jobs) if id(passes[i]) in choosing}
+    refits = {i: job.refitted(_chosen(results[i])) for i, job in enumerate(jobs) if job.refits}
     if refits:
         original = {id(refit): jobs[i] for i, refit in refits.items()}  # callers know their own jobs
 
