@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_assets_tests.harness import lora_assets
-
 MODE = "mail_reply"
 USERS = [f"user-00{i}" for i in range(5)]
 PROMPT = "Can we move our meeting to Friday?"
@@ -72,6 +70,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, home, tiny_base):
+    from lora_assets_tests.harness import lora_assets  # Dagster: not at conftest's import, which every session pays
+
     tmp = tmp_path_factory.mktemp("serve")
     data = tmp / "data"
     data.mkdir()
