@@ -2,7 +2,7 @@
 256-user batch end to end, and a reload check. Prints figures; asserts only correctness.
 
     python3 benchmarks/gpu.py                         # on a GPU: about 5 minutes on an H200 (estimate)
-    python3 benchmarks/gpu.py --device cpu --quick    # CI: tiny-llama, K = 1, 4, 8 users
+    python3 benchmarks/gpu.py --device cpu --quick    # CI: tiny-llama, K = 1, 4, 8 users of 10 steps
 
 What it prints:
 
@@ -13,7 +13,9 @@ What it prints:
 2. one ``adapter_batch``-equivalent: ``--users`` small users' ``mail_reply`` adapters through
    ``pipeline.train_and_gate`` (the function a batch run calls) on datasets built by the
    product's own ingest-side code: base load, train, gate; wall time, adapters/hour, when the
-   first and the median adapter were ready, how many passed the gate;
+   first and the median adapter were ready, how many passed the gate (``--quick``: under a
+   ceiling of 10 steps, ``Settings.max_train_steps``; bf16 is ~12x fp32 on a CPU without bf16
+   hardware, so CI trains as few steps as show each path);
 3. the reload check (was ``gpu_smoke.py``): an SFT and a DPO adapter trained through the core,
    reloaded with the safetensors-only loader, max |logit difference|.
 
@@ -60,6 +62,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per adapter in the K sweep (default 10)")
     parser.add_argument("--users", type=int, default=None, help="users of the batch run (default 256)")
     parser.add_argument("--fuse", type=int, default=16, help="fused group size of the batch run (deploy/ default)")
+    parser.add_argument("--max-train-steps", type=int, default=None,
+                        help="ceiling on the batch run's budgets and the reload check's steps (default: none; 10 with --quick)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: torch sees no CUDA device here; run with --device cpu --quick", file=sys.stderr)
@@ -68,6 +72,7 @@ def main() -> int:
     ks = args.ks or ([1, 4] if args.quick else [1, 4, 16, 64])
     steps = args.steps or (2 if args.quick else 10)
     users = args.users or (8 if args.quick else 256)
+    ceiling = args.max_train_steps if args.max_train_steps is not None else (10 if args.quick else 0)
     home = Path(os.environ.get("LORA_ASSETS_HOME") or tempfile.mkdtemp(prefix="lora-gpu-"))
     os.environ["LORA_ASSETS_HOME"] = str(home)
     if args.gguf is not None:
@@ -84,8 +89,8 @@ def main() -> int:
     print(f"base {key} on {base.device} in {str(base.dtype).removeprefix('torch.')}: loaded in {load_s:.1f} s")
     work = Path(tempfile.mkdtemp(prefix="out-", dir=home))
     sweep(base, ks, steps, work / "sweep")
-    batch_run(base, home, users, args.fuse, load_s)
-    reload_check(base, work / "reload")
+    batch_run(base, home, users, args.fuse, load_s, ceiling)
+    reload_check(base, work / "reload", min(30, ceiling or 30))
     print("GPU BENCHMARK OK")
     return 0
 
@@ -134,14 +139,14 @@ def sweep(base, ks: list[int], steps: int, out: Path) -> None:
         print(f"{k:>4} {seq_h:>13.0f} {fused_h:>10.0f} {fused_h / seq_h:>5.2f}x {peak_text:>15}", flush=True)
 
 
-def batch_run(base, home: Path, n_users: int, fuse: int, load_s: float) -> None:
+def batch_run(base, home: Path, n_users: int, fuse: int, load_s: float, ceiling: int) -> None:
     """What one adapter_batch run does for ``n_users`` small users, through train_and_gate."""
     from lora_assets.data.user_store import write_user
     from lora_assets.datasets import refresh_dataset
     from lora_assets.pipeline import AdapterWork, train_and_gate
     from lora_assets.settings import Settings
 
-    settings = Settings.from_env(home=str(home / "batch"), fusion="auto", fuse=fuse)
+    settings = Settings.from_env(home=str(home / "batch"), fusion="auto", fuse=fuse, max_train_steps=ceiling)
     store, datasets = settings.store(), settings.datasets()
     start = time.perf_counter()
     for i in range(n_users):
@@ -173,13 +178,13 @@ def batch_run(base, home: Path, n_users: int, fuse: int, load_s: float) -> None:
         print(f"   ready after: first {ready[0]:.1f} s, median {statistics.median(ready):.1f} s, last {ready[-1]:.1f} s")
 
 
-def reload_check(base, out: Path) -> None:
+def reload_check(base, out: Path, steps: int) -> None:
     """SFT and DPO trained through the core on this device, reloaded with safetensors only."""
     tables = generate_user("user-000")
     jobs = []
     for name in ("mail_reply", "tone_rewrite"):
         mode = MODES[name]
-        jobs.append(replace(job_for(mode, "user-000", build_examples(mode, tables), out / name, steps=30), learning_rate=1e-2))
+        jobs.append(replace(job_for(mode, "user-000", build_examples(mode, tables), out / name, steps=steps), learning_rate=1e-2))
     probe = torch.tensor([[1, 520, 33, 4097, 12, 88, 9000, 2]], device=base.device)
     logits = {}
 
@@ -188,7 +193,7 @@ def reload_check(base, out: Path) -> None:
             logits[job.name] = model(input_ids=probe).logits.float().clone()
 
     results = train_adapters(jobs, base, progress=None, on_trained=capture)
-    print("\n3. reload check (SFT + DPO through the core, safetensors-only loader)")
+    print(f"\n3. reload check (SFT + DPO through the core, {steps} steps, safetensors-only loader)")
     for job, r in zip(jobs, results):
         model = load_adapter(base, job.output_dir)
         with torch.no_grad():

@@ -203,7 +203,7 @@ def retrieval_table(base, trained: dict, k: int) -> dict[str, list[float]]:
     show(rows, ["author", "train", "held-out", "base", f"base+{k}", "adapter", f"adapter+{k}",
                 "retrieval", "adapter", "both", "better", "retrieval_helps"])
     means = {key: statistics.mean(v) for key, v in cols.items()}
-    print(f"  mean held-out loss: " + ", ".join(f"{key} {v:.4f}" for key, v in means.items()))
+    print("  mean held-out loss: " + ", ".join(f"{key} {v:.4f}" for key, v in means.items()))
     print(f"  mean improvement over the base: retrieval {means['base'] - means['retrieval']:.4f} nats, adapter "
           f"{means['base'] - means['adapter']:.4f}, adapter+retrieval {means['base'] - means['adapter+retrieval']:.4f}; "
           f"adapter beats retrieval for {sum(a < r for a, r in zip(cols['adapter'], cols['retrieval']))}/{len(rows)}, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,13 @@ class StepBudget:
         for a user below ``validate_below`` (the floor is for users too small for a slice)."""
         floor = self.min_steps if self.validates(n_examples) else 1
         return min(self.max_steps, max(floor, math.ceil(self.epochs * n_examples / batch_size)))
+
+    def capped(self, ceiling: int | None) -> StepBudget:
+        """This budget with at most ``ceiling`` steps (a deployment's cost ceiling per adapter):
+        validation then scores the ceiling's step too, and the formula stops there."""
+        if not ceiling or ceiling >= self.max_steps:
+            return self
+        return replace(self, max_steps=ceiling, first_kept=min(self.first_kept, ceiling))
 
     def validates(self, n_examples: int) -> bool:
         """Whether a full training of ``n_examples`` sets a validation slice aside to choose its step."""

@@ -129,7 +129,7 @@ def train_and_gate(
         published = published_adapter(settings, drive, w)
         plan = plan_update(mode, df, published[1] if published else None, base.ref.revision)
         job = job_for(
-            mode, w.user, df, outcome.folder, steps=settings.train_steps or None, plan=plan,
+            mode, w.user, df, outcome.folder, **settings.step_budget, plan=plan,
             warm_start_from=published[0] if plan.path == INCREMENTAL else None,
             metadata={"dataset_version": outcome.dataset_version}, **settings.adapter_files,
         )
@@ -165,7 +165,7 @@ def train_and_gate(
             why = f"the incremental update failed the eval gate ({outcome.gate.reason}): retrained in full"
             full = job_for(
                 get_mode(outcome.work.mode), outcome.work.user, tables[id(outcome)], outcome.folder,
-                steps=settings.train_steps or None, metadata={"dataset_version": outcome.dataset_version},
+                **settings.step_budget, metadata={"dataset_version": outcome.dataset_version},
                 plan=TrainingPlan(FULL, why, ()), **settings.adapter_files,
             )
             by_job[id(full)] = outcome

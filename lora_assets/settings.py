@@ -38,6 +38,7 @@ ENV_VARS: dict[str, str] = {
     "gate_retrieval_k": "LORA_ASSETS_GATE_RETRIEVAL_K",
     "gate_require_retrieval": "LORA_ASSETS_GATE_REQUIRE_RETRIEVAL",
     "train_steps": "LORA_ASSETS_TRAIN_STEPS",
+    "max_train_steps": "LORA_ASSETS_MAX_TRAIN_STEPS",
     "users_per_run": "LORA_ASSETS_USERS_PER_RUN",
     "sensor_interval_s": "LORA_ASSETS_SENSOR_INTERVAL_S",
     "feed_events_per_tick": "LORA_ASSETS_FEED_EVENTS_PER_TICK",
@@ -89,6 +90,7 @@ class Settings:
     gate_retrieval_k: int = 2  # the retrieval baseline shows this many of the user's similar examples; 0: not scored
     gate_require_retrieval: bool = False  # publish only adapters that beat the retrieval baseline
     train_steps: int = 0  # steps per adapter; 0: each mode's own budget
+    max_train_steps: int = 0  # a ceiling on each mode's budget (GPU time per adapter); 0: the mode's own (mail_reply: 120)
     users_per_run: int = 32  # users a sensor or backfill puts in one dataset or adapter run
     sensor_interval_s: int = 5  # seconds between a sensor's ticks (read when the code location loads)
     feed_events_per_tick: int = 1000  # change events one change-sensor tick reads; the rest wait for the next
@@ -161,11 +163,9 @@ class Settings:
                 raise ValueError(f"{ENV_VARS[name]} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not 0.5 <= self.gate_confidence <= 1.0:
             raise ValueError(f"{ENV_VARS['gate_confidence']} must be between 0.5 and 1.0, not {self.gate_confidence}")
-        for name in ("gate_noise", "gate_noise_floor"):
+        for name in ("gate_noise", "gate_noise_floor", "gate_retrieval_k", "train_steps", "max_train_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_VARS[name]} must be >= 0, not {getattr(self, name)}")
-        if self.gate_retrieval_k < 0:
-            raise ValueError(f"{ENV_VARS['gate_retrieval_k']} must be >= 0, not {self.gate_retrieval_k}")
         for name in _AT_LEAST_ONE:
             _check_at_least_one(name, getattr(self, name))
 
@@ -175,6 +175,12 @@ class Settings:
 
         return GateConfig(self.gate_margin, self.gate_confidence, self.gate_noise, self.gate_noise_floor,
                           self.gate_retrieval_k, self.gate_require_retrieval)
+
+    @property
+    def step_budget(self) -> dict[str, int | None]:
+        """How many steps trainers take (``job_for``'s ``steps`` and ``max_steps``): fixed, capped,
+        or each mode's own budget."""
+        return {"steps": self.train_steps or None, "max_steps": self.max_train_steps or None}
 
     @property
     def adapter_files(self) -> dict[str, str]:

@@ -92,6 +92,28 @@ def test_a_full_trainings_rate_rises_with_the_users_examples_and_from_60_two_epo
     assert update.learning_rate == MAIL.update.learning_rate, "an incremental update's rate is its policy's"
 
 
+def test_a_deployments_step_ceiling_caps_validation_and_the_formula_and_a_bad_one_is_named(
+        synthetic_tables, tmp_path):
+    """``LORA_ASSETS_MAX_TRAIN_STEPS``: the GPU time of one adapter bounded, the budget kept
+    (the bf16 daemon test trains under a ceiling of 45 end to end)."""
+    from lora_assets.settings import Settings
+
+    dataset = build_examples(MAIL, synthetic_tables["user-000"])
+    capped = Settings.from_env({"LORA_ASSETS_MAX_TRAIN_STEPS": "15", "LORA_ASSETS_HOME": str(tmp_path)})
+    sliced = job_for(MAIL, "user-000", dataset, tmp_path / "a", **capped.step_budget)
+    assert sliced.early_stopping and sliced.steps == 15 < MAIL.budget.max_steps
+    assert [s for s in range(1, 16) if sliced.budget.scored(s, sliced.steps)] == [10, 15], "the ceiling's step is scored"
+    tight = job_for(MAIL, "user-000", dataset, tmp_path / "b", max_steps=5)
+    assert tight.budget.first_kept == 5 and tight.budget.scored(5, tight.steps), "below first_kept: the ceiling is kept"
+    train = dataset[dataset.split == "train"]
+    unsliced = job_for(MAIL, "user-000", pd.concat([train.head(20), dataset[dataset.split == "eval"]]), tmp_path / "c",
+                       **capped.step_budget)
+    assert not unsliced.early_stopping and unsliced.steps == 15, "the formula's floor of 30 stops at the ceiling too"
+    assert job_for(MAIL, "user-000", dataset, tmp_path / "d", max_steps=500).budget == MAIL.budget
+    with pytest.raises(ValueError, match="^LORA_ASSETS_MAX_TRAIN_STEPS must be >= 0, not -1$"):
+        Settings.from_env({"LORA_ASSETS_MAX_TRAIN_STEPS": "-1", "LORA_ASSETS_HOME": str(tmp_path)})
+
+
 def test_dpo_not_tuned_on_real_writing_keeps_a_validation_slice_at_every_size(tmp_path):
     from lora_assets.data.synthetic import generate_user
 

@@ -24,6 +24,7 @@ def test_gpu_benchmark_runs_on_cpu_in_bf16_and_prints_every_figure(home, tiny_ba
     assert [int(k) for k, *_ in rows] == [1, 4], out
     assert all(int(seq) > 0 and int(fused) > 0 for _k, seq, fused, _r in rows)
     assert re.search(r"8 adapters, \d+ adapters/hour with the load", out), out
+    assert "(24 mails, [10] steps)" in out, "the quick form's ceiling of 10 steps held the formula's 30"
     assert re.search(r"gate passed \d/8", out) and "ready after: first" in out
     assert len(re.findall(r"reload max \|logit diff\| ", out)) == 2
     assert out.rstrip().endswith("GPU BENCHMARK OK")

@@ -35,7 +35,6 @@ from lora_assets.orchestration.keys import (
     PERMANENT_FAILURES,
     TRAINING_POOL,
     TRAINING_TAG,
-    USERS_TAG,
     adapter_key,
     dataset_key,
     progress_logger,

@@ -34,6 +34,7 @@ class LoraAssetsHome(ConfigurableResource):
     gate_retrieval_k: int | None = None
     gate_require_retrieval: bool | None = None
     train_steps: int | None = None
+    max_train_steps: int | None = Field(default=None, description="A ceiling on each mode's step budget: GPU time per adapter ($LORA_ASSETS_MAX_TRAIN_STEPS)")
     users_per_run: int | None = None
     feed_events_per_tick: int | None = None
     dataset_changes_per_tick: int | None = None
