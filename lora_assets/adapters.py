@@ -130,7 +130,7 @@ def job_for(
     dataset: pd.DataFrame,
     output_dir: Path,
     steps: int | None = None,
-    max_steps: int | None = None,
+    step_ceiling: int | None = None,
     warm_start_from: Path | None = None,
     metadata: dict[str, Any] | None = None,
     plan: TrainingPlan | None = None,
@@ -140,7 +140,7 @@ def job_for(
     """A training job for ``user``'s adapter of ``mode`` from that mode's dataset table.
 
     Without a ``plan``: a full training on every training example. ``steps`` fixes the step
-    budget (tests, benchmarks); ``max_steps`` caps the mode's (a deployment's cost ceiling per
+    budget (tests, benchmarks); ``step_ceiling`` caps the mode's (a deployment's cost ceiling per
     adapter, ``Settings.max_train_steps``). Otherwise a full training sets aside a validation slice that
     chooses the step (early stopping within the mode's budget) at the mode's rate for that many
     examples, or from the budget's ``validate_below`` examples on trains the epochs formula at the
@@ -167,7 +167,7 @@ def job_for(
         output_dir=Path(output_dir),
         lora=mode.lora,
         max_steps=steps,
-        budget=(mode.update.budget if plan.path == INCREMENTAL else mode.budget).capped(max_steps),
+        budget=(mode.update.budget if plan.path == INCREMENTAL else mode.budget).capped(step_ceiling),
         learning_rate=(mode.update.learning_rate if plan.path == INCREMENTAL
                        else mode.learning_rate.maximum if formula else mode.learning_rate.for_examples(len(train))),
         seed=0,

@@ -178,9 +178,9 @@ class Settings:
 
     @property
     def step_budget(self) -> dict[str, int | None]:
-        """How many steps trainers take (``job_for``'s ``steps`` and ``max_steps``): fixed, capped,
+        """How many steps trainers take (``job_for``'s ``steps`` and ``step_ceiling``): fixed, capped,
         or each mode's own budget."""
-        return {"steps": self.train_steps or None, "max_steps": self.max_train_steps or None}
+        return {"steps": self.train_steps or None, "step_ceiling": self.max_train_steps or None}
 
     @property
     def adapter_files(self) -> dict[str, str]:

@@ -103,13 +103,13 @@ def test_a_deployments_step_ceiling_caps_validation_and_the_formula_and_a_bad_on
     sliced = job_for(MAIL, "user-000", dataset, tmp_path / "a", **capped.step_budget)
     assert sliced.early_stopping and sliced.steps == 15 < MAIL.budget.max_steps
     assert [s for s in range(1, 16) if sliced.budget.scored(s, sliced.steps)] == [10, 15], "the ceiling's step is scored"
-    tight = job_for(MAIL, "user-000", dataset, tmp_path / "b", max_steps=5)
+    tight = job_for(MAIL, "user-000", dataset, tmp_path / "b", step_ceiling=5)
     assert tight.budget.first_kept == 5 and tight.budget.scored(5, tight.steps), "below first_kept: the ceiling is kept"
     train = dataset[dataset.split == "train"]
     unsliced = job_for(MAIL, "user-000", pd.concat([train.head(20), dataset[dataset.split == "eval"]]), tmp_path / "c",
                        **capped.step_budget)
     assert not unsliced.early_stopping and unsliced.steps == 15, "the formula's floor of 30 stops at the ceiling too"
-    assert job_for(MAIL, "user-000", dataset, tmp_path / "d", max_steps=500).budget == MAIL.budget
+    assert job_for(MAIL, "user-000", dataset, tmp_path / "d", step_ceiling=500).budget == MAIL.budget
     with pytest.raises(ValueError, match="^LORA_ASSETS_MAX_TRAIN_STEPS must be >= 0, not -1$"):
         Settings.from_env({"LORA_ASSETS_MAX_TRAIN_STEPS": "-1", "LORA_ASSETS_HOME": str(tmp_path)})
 
