@@ -207,3 +207,40 @@ def test_dataset_rows_become_train_and_eval_examples(synthetic_tables):
     assert train and held_out
     assert {e.id for e in train}.isdisjoint({e.id for e in held_out})
     assert all(e.system == MAIL.system for e in train)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_training_steps_lora_gradients_are_the_plain_transformers_losss(
+        request, tiny_base, synthetic_tables, dtype):
+    """The core's loss (the LM head at response positions only, its backward from a transposed
+    copy of the frozen head) gives the LoRA weights the gradients of transformers' own
+    ``model(..., labels=...).loss``: in fp32 to float error, in bf16 (the GPU's dtype, forced)
+    to bf16's."""
+    from peft import get_peft_model
+
+    from lora_assets.training.text import collate, response_loss
+
+    base = tiny_base if dtype == "fp32" else request.getfixturevalue("bf16_base")
+    examples = examples_from(build_examples(MAIL, synthetic_tables["user-000"]), "train")[:6]
+    batch = collate([tokenize_example(base.tokenizer, ex, 128) for ex in examples], base.tokenizer.pad_token_id)
+    model = get_peft_model(base.model, MAIL.lora.to_peft())
+    try:
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: move it so A's gradients are not zero too
+                torch.nn.init.normal_(param, std=0.02)
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+        def grads(loss_of) -> list[torch.Tensor]:
+            model.zero_grad()
+            loss_of().backward()
+            return [p.grad.detach().clone().float() for p in lora]
+
+        ours = grads(lambda: response_loss(model, batch))
+        theirs = grads(lambda: model(**batch).loss)  # the batch carries its labels
+    finally:
+        base.model = model.unload()
+    assert all(t.abs().sum() > 0 for t in theirs), "every LoRA weight has a gradient to compare"
+    ours_flat, theirs_flat = torch.cat([g.flatten() for g in ours]), torch.cat([g.flatten() for g in theirs])
+    relative = float((ours_flat - theirs_flat).norm() / theirs_flat.norm())
+    assert relative < (1e-5 if dtype == "fp32" else 5e-3), relative  # bf16: 9e-4 here; a 1 % error is 1e-2
