@@ -23,7 +23,7 @@ read as ``mail`` records through the same validation ``lora-assets ingest`` appl
    weights averaged with its scored neighbours where that scores better), the cut-over without
    the refit (``cutover``) and the old fixed 30 steps at 1e-3, and
    any ``--variants`` (learning rate and its decay, rank, target modules, the first step kept,
-   the slice's size, examples of 256 tokens (``len256``, ``old256``), ``noavg``: the best step
+   the slice's size, the old formula on examples of 256 tokens (``old256``), ``noavg``: the best step
    alone; ``refit``: given steps (``--refit-steps``) on every example) for tuning, every
    variant scored on held-out examples of 128 tokens; each variant's mean held-out loss minus
    the first variant's, with a 95 % interval (held-out examples resampled per author);
@@ -75,8 +75,7 @@ MEASURED_AT = 128  # tokens per held-out example in the budgets table, whatever 
 
 
 def measured(job):
-    """``job`` as the budgets table scores it: at ``MEASURED_AT`` tokens, the length every
-    table of the README was measured at, so variants that train longer examples compare."""
+    """``job`` as the budgets table scores it: at the length every README table was measured at."""
     return replace(job, max_length=MEASURED_AT)
 
 
@@ -133,7 +132,6 @@ VARIANTS = {
     "mlp": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION + MLP)),
     "attention": lambda job: replace(job, lora=replace(job.lora, target_modules=ATTENTION)),
     # Examples of 256 tokens (more of each reply: 66 % of the corpus's reply tokens against 46 %).
-    "len256": lambda job: replace(job, max_length=256),
     "old256": lambda job: replace(VARIANTS["old"](job), max_length=256),
     # Every example (the slice too) for given steps (--refit-steps, or what "new" kept): the refit
     # put together from two runs, as measured before the product refit (2026-12-07).
