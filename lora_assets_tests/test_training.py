@@ -244,3 +244,28 @@ def test_a_training_steps_lora_gradients_are_the_plain_transformers_losss(
     ours_flat, theirs_flat = torch.cat([g.flatten() for g in ours]), torch.cat([g.flatten() for g in theirs])
     relative = float((ours_flat - theirs_flat).norm() / theirs_flat.norm())
     assert relative < (1e-5 if dtype == "fp32" else 5e-3), relative  # bf16: 9e-4 here; a 1 % error is 1e-2
+
+
+def test_the_heads_transposed_copy_follows_its_weight_when_it_changes_or_moves():
+    """The copy the head's backward uses is remade when the weight is changed in place, replaced
+    or cast, so a gradient never comes from a stale weight."""
+    from lora_assets.training.text import head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 32, bias=False).requires_grad_(False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+
+    def agrees() -> bool:
+        x = hidden.to(head.weight.dtype).detach().requires_grad_(True)
+        ours, = torch.autograd.grad(head_logits(head, x).float().sum(), x)
+        theirs, = torch.autograd.grad(head(x).float().sum(), x)
+        return torch.allclose(ours.float(), theirs.float(), rtol=1e-2, atol=1e-3)
+
+    assert agrees()
+    with torch.no_grad():
+        head.weight.mul_(3.0)  # changed in place
+    assert agrees()
+    head.weight = torch.nn.Parameter(torch.randn(32, 8), requires_grad=False)  # replaced
+    assert agrees()
+    head.to(torch.bfloat16)  # cast
+    assert agrees()

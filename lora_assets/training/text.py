@@ -153,7 +153,7 @@ def _transposed(head: torch.nn.Linear) -> torch.Tensor:
     so it lives and dies with the loaded model; remade if the weight was replaced, changed or moved."""
     weight = head.weight
     kept = head.__dict__.get("_weight_transposed")
-    if kept is None or kept[:2] != (weight, weight._version) or kept[2].device != weight.device \
+    if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].device != weight.device \
             or kept[2].dtype != weight.dtype:
         kept = head.__dict__["_weight_transposed"] = (weight, weight._version, weight.detach().t().contiguous())
     return kept[2]
