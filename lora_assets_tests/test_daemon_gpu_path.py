@@ -42,8 +42,9 @@ def test_a_bf16_batched_run_publishes_the_small_user_before_the_large_one_trains
     for user, mails in zip(users, (small, sliced, large)):
         daemon.ingest(user, "mail", mails)
     daemon.start()
-    # bf16 without hardware support is ~12x fp32 on a CPU (README: Tests); without the ceiling
-    # this run took 406 s on an AVX2-only host against the harness's 420 s default bound.
+    # bf16 without hardware support is slow on a CPU (README: Tests); before the ceiling and the
+    # head's transposed copy this run took 406 s on an AVX2-only host (the harness's default
+    # bound is 420 s); since, 111-170 s.
     runs = daemon.settle(timeout_s=1200)
     (run,) = [r for r in runs if r.job_name == "adapter_batch"]
     assert adapter_runs([run]) == {f"tiny-llama|{u}": {"mail_reply/adapter"} for u in users}
