@@ -253,7 +253,7 @@ def test_the_heads_transposed_copy_follows_its_weight_when_it_changes_or_moves()
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 32, bias=False).requires_grad_(False)
-    hidden = torch.randn(5, 8, requires_grad=True)
+    hidden = torch.randn(5, 8)
 
     def agrees() -> bool:
         x = hidden.to(head.weight.dtype).detach().requires_grad_(True)

@@ -141,11 +141,10 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     nothing and costs the head's size once (57 MB for SmolLM2-135M in bf16); it is kept on every
     device so that the path a GPU trains on is the one CI runs. A head that trains (a LoRA on
     it) or evaluation without gradients takes the plain call."""
-    weight = getattr(head, "weight", None)
     if not torch.is_grad_enabled() or type(head) is not torch.nn.Linear or head.bias is not None \
-            or weight.requires_grad:
+            or head.weight.requires_grad:
         return head(hidden)
-    return _FrozenHead.apply(hidden, weight, _transposed(head))
+    return _FrozenHead.apply(hidden, head.weight, _transposed(head))
 
 
 def _transposed(head: torch.nn.Linear) -> torch.Tensor:
