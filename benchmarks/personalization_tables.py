@@ -48,8 +48,8 @@ def retrieval_table(base, trained: dict, k: int) -> dict[str, list[float]]:
         helps += helped
         for key, v in zip(cols, (b, r, a, ar)):
             cols[key].append(v)
-        trained = len(job.train) + len(job.validation)  # training examples, slice included, as below
-        rows.append([author, trained, len(job.eval), b, r, a, ar, rel(r, b), rel(a, b), rel(ar, b),
+        examples = len(job.train) + len(job.validation)  # training examples, slice included, as below
+        rows.append([author, examples, len(job.eval), b, r, a, ar, rel(r, b), rel(a, b), rel(ar, b),
                      "adapter" if a < r else "retrieval", "yes" if helped else "no"])
     show(rows, ["author", "train", "held-out", "base", f"base+{k}", "adapter", f"adapter+{k}",
                 "retrieval", "adapter", "both", "better", "retrieval_helps"])
