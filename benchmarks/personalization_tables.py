@@ -25,7 +25,6 @@ def measured(job):
     return replace(job, max_length=MEASURED_AT)
 
 
-
 def show(rows: list[list], header: list[str]) -> None:
     cells = [header, *[[c if isinstance(c, str) else f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
